@@ -1,0 +1,181 @@
+-- ops.log: what opsrun tells its user, on stderr.
+-- Text for people (colour only on a terminal and without NO_COLOR), or JSON lines
+-- (--log-format json, OPSRUN_LOG_FORMAT=json). Every registered secret and mask is
+-- redacted from everything logged, and from whatever else calls log.redact.
+local sys = require "ops.core.sys"
+local time = require "ops.core.time"
+local json = require "ops.json"
+
+local log = {}
+
+local LEVELS = {debug = 10, info = 20, warn = 30, error = 40, off = 100}
+local COLOURS = {debug = "\27[2m", info = "\27[36m", warn = "\27[33m", error = "\27[31m"}
+
+local state = {
+  level = LEVELS[(sys.getenv("OPSRUN_LOG_LEVEL") or "info"):lower()] or LEVELS.info,
+  format = (sys.getenv("OPSRUN_LOG_FORMAT") == "json") and "json" or "text",
+  colour = nil, -- decided on first use
+  out = io.stderr,
+}
+local secrets = {} -- sorted longest first, so a secret inside another is covered
+local masks = {}   -- Lua patterns
+
+local REDACTED = "***"
+
+--- log.secret(value) -> value : value is replaced by *** in everything logged
+function log.secret(value)
+  if type(value) ~= "string" or #value < 3 then return value end
+  for _, s in ipairs(secrets) do
+    if s == value then return value end
+  end
+  secrets[#secrets + 1] = value
+  table.sort(secrets, function(a, b) return #a > #b end)
+  return value
+end
+
+--- log.add_mask(pattern) : a Lua pattern whose matches are redacted
+function log.add_mask(pattern)
+  assert(type(pattern) == "string", "log.add_mask: pattern must be a string")
+  local ok, err = pcall(string.find, "", pattern)
+  if not ok then error("log.add_mask: bad pattern '" .. pattern .. "': " .. tostring(err), 2) end
+  masks[#masks + 1] = pattern
+end
+
+local function replace_plain(s, needle)
+  local out, i = {}, 1
+  while true do
+    local a, b = s:find(needle, i, true)
+    if not a then break end
+    out[#out + 1] = s:sub(i, a - 1)
+    out[#out + 1] = REDACTED
+    i = b + 1
+  end
+  if i == 1 then return s end
+  out[#out + 1] = s:sub(i)
+  return table.concat(out)
+end
+
+--- log.redact(s) -> s with every secret and mask replaced by ***
+function log.redact(s)
+  if type(s) ~= "string" then s = tostring(s) end
+  for _, secret in ipairs(secrets) do
+    if s:find(secret, 1, true) then s = replace_plain(s, secret) end
+  end
+  for _, m in ipairs(masks) do
+    s = s:gsub(m, REDACTED)
+  end
+  return s
+end
+
+function log.set_level(name)
+  local l = LEVELS[name]
+  if not l then error("unknown log level '" .. tostring(name) .. "' (debug, info, warn, error, off)", 2) end
+  state.level = l
+end
+
+function log.set_format(name)
+  if name ~= "text" and name ~= "json" then
+    error("unknown log format '" .. tostring(name) .. "' (text or json)", 2)
+  end
+  state.format = name
+end
+
+function log.format() return state.format end
+
+--- log.set_output(file) : where log lines go (default io.stderr)
+function log.set_output(f)
+  state.out = f
+  state.colour = nil
+end
+
+local function use_colour()
+  if state.colour == nil then
+    local nc = sys.getenv("NO_COLOR")
+    state.colour = state.out == io.stderr and sys.isatty(2) and (nc == nil or nc == "")
+  end
+  return state.colour
+end
+
+local function field_text(v)
+  if type(v) == "string" then
+    if v == "" or v:find("[%s\"=]") then return string.format("%q", v) end
+    return v
+  end
+  return tostring(v)
+end
+
+local function emit(level, msg, fields)
+  if LEVELS[level] < state.level then return end
+  msg = log.redact(msg)
+  local line
+  if state.format == "json" then
+    local rec = {ts = time.iso8601(), level = level, msg = msg}
+    if fields then
+      for k, v in pairs(fields) do
+        if rec[k] == nil then
+          local t = type(v)
+          rec[k] = (t == "string" and log.redact(v)) or ((t == "number" or t == "boolean") and v) or log.redact(tostring(v))
+        end
+      end
+    end
+    line = json.encode(rec) or json.encode({ts = rec.ts, level = level, msg = msg})
+  else
+    local parts = {}
+    if fields then
+      local keys = {}
+      for k in pairs(fields) do keys[#keys + 1] = tostring(k) end
+      table.sort(keys)
+      for _, k in ipairs(keys) do
+        parts[#parts + 1] = k .. "=" .. log.redact(field_text(fields[k]))
+      end
+    end
+    local tail = #parts > 0 and ("  " .. table.concat(parts, " ")) or ""
+    local tag = string.format("%-5s", level:upper())
+    if use_colour() then tag = COLOURS[level] .. tag .. "\27[0m" end
+    line = os.date("%H:%M:%S") .. " " .. tag .. " " .. msg .. tail
+  end
+  state.out:write(line, "\n")
+  state.out:flush()
+end
+
+--- log.debug/info/warn/error(msg, [fields]) ; msg may be a format with arguments:
+--- log.info("deployed %s in %.1fs", env, secs)  or  log.info("deployed", {env = env})
+local function logger(level)
+  return function(msg, ...)
+    local fields
+    if select("#", ...) > 0 then
+      local first = ...
+      if type(first) == "table" and select("#", ...) == 1 then
+        fields = first
+      else
+        msg = string.format(msg, ...)
+      end
+    end
+    emit(level, tostring(msg), fields)
+  end
+end
+
+for name in pairs(COLOURS) do log[name] = logger(name) end
+
+--- log.enabled(level) -> boolean
+function log.enabled(level) return LEVELS[level] >= state.level end
+
+--- log.with(fields) -> a logger that adds these fields to every line
+function log.with(base)
+  local child = {}
+  for name in pairs(COLOURS) do
+    child[name] = function(msg, fields, ...)
+      if select("#", ...) > 0 or (fields ~= nil and type(fields) ~= "table") then
+        msg = string.format(msg, fields, ...)
+        fields = nil
+      end
+      local all = {}
+      for k, v in pairs(base) do all[k] = v end
+      for k, v in pairs(fields or {}) do all[k] = v end
+      emit(name, tostring(msg), all)
+    end
+  end
+  return child
+end
+
+return log

@@ -1,0 +1,397 @@
+-- ops.store: the durable store on SQLite (WAL, synchronous=FULL by default).
+--
+-- The C module (ops.core.store) gives connections, statements and a statement
+-- cache; this file adds transactions, migrations and the durable work queue.
+-- Many tasks share one connection on one thread, and a task may yield inside a
+-- transaction, so each db carries a task-aware mutex: transaction() holds it
+-- for its whole duration, and exec/query/exec_script from any other task wait
+-- for it rather than running inside someone else's transaction.
+
+local core = require("ops.core.store")
+local sync = require("ops.sync")
+
+local pack, unpack = table.pack, table.unpack
+local running = coroutine.running
+
+local store = { now = core.now }
+
+local methods = core.methods
+local c_exec, c_query, c_exec_script = methods.exec, methods.query, methods.exec_script
+
+-- Per-connection Lua state, keyed weakly by the db userdata.
+local states = setmetatable({}, { __mode = "k" })
+
+local function state_of(db)
+  local st = states[db]
+  if not st then
+    st = { mutex = sync.mutex(), depth = 0 }
+    states[db] = st
+  end
+  return st
+end
+
+-- ops.store.open(path [, opts]) -> db | nil, err, code
+function store.open(path, opts)
+  local db, err, code = core.open(path, opts)
+  if not db then return nil, err, code end
+  state_of(db)
+  return db
+end
+
+local function guarded(fn)
+  return function(db, ...)
+    local m = state_of(db).mutex
+    if not m:held_by_other() then return fn(db, ...) end
+    m:lock()
+    local r = pack(pcall(fn, db, ...))
+    m:unlock()
+    if not r[1] then error(r[2], 0) end
+    return unpack(r, 2, r.n)
+  end
+end
+
+methods.exec = guarded(c_exec)
+methods.query = guarded(c_query)
+methods.exec_script = guarded(c_exec_script)
+
+function methods:_lock() state_of(self).mutex:lock() end
+function methods:_unlock() state_of(self).mutex:unlock() end
+
+-- Raises a database failure as its "SQLITE_CODE: message" string.
+local function must(first, err)
+  if first == nil then error(err, 0) end
+  return first
+end
+
+-- Ends a transaction level that did not complete normally (fn raised, or the
+-- task was cancelled and its <close> variables are being run).
+local Level = {}
+Level.__index = Level
+function Level.__close(lvl)
+  if lvl.finished then return end
+  lvl.finished = true
+  local db, st = lvl.db, lvl.st
+  if lvl.savepoint then
+    c_exec(db, "ROLLBACK TO " .. lvl.savepoint)
+    c_exec(db, "RELEASE " .. lvl.savepoint)
+    st.depth = st.depth - 1
+  else
+    -- SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR...).
+    if db:in_transaction() then c_exec(db, "ROLLBACK") end
+    st.depth = 0
+    st.mutex:unlock(lvl.owner)
+  end
+end
+
+-- db:transaction(fn, ...) -> fn's results; raises fn's error after rolling back.
+-- Outermost level: BEGIN IMMEDIATE ... COMMIT under the db mutex; nested levels
+-- (same task) use savepoints.
+function methods:transaction(fn, ...)
+  local st = state_of(self)
+  local co = running()
+  local lvl = setmetatable({ db = self, st = st, owner = co }, Level)
+  if st.depth > 0 and st.mutex.owner == co then
+    -- Savepoint names come from an integer depth, never from caller data.
+    lvl.savepoint = "ops_sp" .. (st.depth + 1)
+    must(c_exec(self, "SAVEPOINT " .. lvl.savepoint))
+    st.depth = st.depth + 1
+  else
+    st.mutex:lock()
+    local ok, err = c_exec(self, "BEGIN IMMEDIATE")
+    if not ok then
+      st.mutex:unlock()
+      error(err, 0)
+    end
+    st.depth = 1
+  end
+  local guard <close> = lvl
+  local results = pack(fn(self, ...))
+  if lvl.savepoint then
+    local ok, err = c_exec(self, "RELEASE " .. lvl.savepoint)
+    if not ok then error(err, 0) end -- guard rolls back to the savepoint
+    st.depth = st.depth - 1
+  else
+    local ok, err = c_exec(self, "COMMIT")
+    if not ok then error(err, 0) end -- guard rolls back and unlocks
+    st.depth = 0
+    st.mutex:unlock(co)
+  end
+  lvl.finished = true
+  return unpack(results, 1, results.n)
+end
+
+local function table_exists(db, name)
+  local rows = must(c_query(db, "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = ?", name))
+  return rows[1] ~= nil
+end
+
+local function schema_version(db, component)
+  if not component then
+    return must(c_query(db, "PRAGMA user_version"))[1].user_version
+  end
+  if not table_exists(db, "ops_schema_versions") then return 0 end
+  local row = must(c_query(db, "SELECT version FROM ops_schema_versions WHERE component = ?", component))[1]
+  return row and row.version or 0
+end
+
+local function set_schema_version(db, component, v)
+  if not component then
+    -- PRAGMA takes no parameters; v is an integer we computed, not caller text.
+    must(c_exec(db, string.format("PRAGMA user_version = %d", v)))
+    return
+  end
+  must(c_exec_script(db, [[CREATE TABLE IF NOT EXISTS ops_schema_versions (
+    component TEXT PRIMARY KEY, version INTEGER NOT NULL)]]))
+  must(c_exec(db, "INSERT INTO ops_schema_versions (component, version) VALUES (?, ?) "
+    .. "ON CONFLICT (component) DO UPDATE SET version = excluded.version", component, v))
+end
+
+-- db:migrate(migrations [, {component = name}]) -> applied, version | nil, err, code
+function methods:migrate(migrations, opts)
+  if type(migrations) ~= "table" then
+    error("ops.store: migrate expects an array of SQL scripts or functions", 2)
+  end
+  local component = opts and opts.component
+  local label = component and ("'" .. component .. "' ") or ""
+  local ok, current = pcall(schema_version, self, component)
+  if not ok then return nil, current, current:match("^(SQLITE_%u+):") or "SQLITE_ERROR" end
+  if current > #migrations then
+    return nil, string.format("ESCHEMA: database %sschema is at version %d but only %d migrations are known; "
+      .. "this database was written by a newer opsrun", label, current, #migrations), "ESCHEMA"
+  end
+  local applied = 0
+  for v = current + 1, #migrations do
+    local step = migrations[v]
+    local ok2, err = pcall(self.transaction, self, function()
+      -- Another process may have migrated while we waited for the write lock.
+      if schema_version(self, component) >= v then return end
+      if type(step) == "function" then
+        step(self)
+      else
+        must(c_exec_script(self, step))
+      end
+      set_schema_version(self, component, v)
+      applied = applied + 1
+    end)
+    if not ok2 then
+      local code = type(err) == "string" and err:match("^(SQLITE_%u+):") or "EMIGRATION"
+      return nil, string.format("%s: migration %s%d failed: %s", code, label, v, tostring(err)), code
+    end
+  end
+  return applied, #migrations
+end
+
+-- ---- durable queue ---------------------------------------------------------
+
+local QUEUE_MIGRATIONS = {
+  [[
+  CREATE TABLE ops_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    key TEXT,
+    state TEXT NOT NULL CHECK (state IN ('ready', 'leased', 'done', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- ready: when it may be claimed; leased: when the lease ends; NULL once finished
+    available_at REAL,
+    worker TEXT,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+  );
+  CREATE UNIQUE INDEX ops_queue_key ON ops_queue (queue, key) WHERE key IS NOT NULL;
+  CREATE INDEX ops_queue_available ON ops_queue (queue, available_at) WHERE available_at IS NOT NULL;
+  ]],
+}
+
+local DEFAULTS = { max_attempts = 5, backoff = 1, max_backoff = 3600 }
+
+local Queue = {}
+Queue.__index = Queue
+
+-- Runs fn in a transaction; database failures become nil, err, code.
+local function atomically(db, fn)
+  local r = pack(pcall(db.transaction, db, fn))
+  if r[1] then return unpack(r, 2, r.n) end
+  local code = type(r[2]) == "string" and r[2]:match("^(SQLITE_%u+):")
+  if code then return nil, r[2], code end
+  error(r[2], 0)
+end
+
+local function check_opts(opts, where)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("ops.store: " .. where .. ": options must be a table", 3)
+  end
+  return opts or {}
+end
+
+-- db:queue(name [, opts]) -> queue | nil, err, code
+-- opts: now (clock function, float seconds), max_attempts, backoff, max_backoff.
+function methods:queue(name, opts)
+  if type(name) ~= "string" or name == "" then
+    error("ops.store: queue name must be a non-empty string", 2)
+  end
+  opts = check_opts(opts, "queue")
+  local st = state_of(self)
+  if not st.queue_schema then
+    local ok, err, code = self:migrate(QUEUE_MIGRATIONS, { component = "ops.queue" })
+    if not ok then return nil, err, code end
+    st.queue_schema = true
+  end
+  return setmetatable({
+    db = self,
+    name = name,
+    now = opts.now or core.now,
+    max_attempts = opts.max_attempts or DEFAULTS.max_attempts,
+    backoff = opts.backoff or DEFAULTS.backoff,
+    max_backoff = opts.max_backoff or DEFAULTS.max_backoff,
+  }, Queue)
+end
+
+-- ops.store.queue(db, name [, opts]): the same as db:queue(name, opts).
+function store.queue(db, name, opts) return methods.queue(db, name, opts) end
+
+-- q:enqueue(kind, payload [, {key =, delay =}]) -> id, "queued" | id, "duplicate" | nil, err, code
+function Queue:enqueue(kind, payload, opts)
+  if type(kind) ~= "string" then error("ops.store: enqueue: kind must be a string", 2) end
+  if type(payload) ~= "string" then
+    error("ops.store: enqueue: payload must be a string (encode tables as JSON first)", 2)
+  end
+  opts = check_opts(opts, "enqueue")
+  local key, delay = opts.key, opts.delay or 0
+  if key ~= nil and type(key) ~= "string" then error("ops.store: enqueue: key must be a string", 2) end
+  local now = self.now()
+  local db = self.db
+  local changes, id_or_err, code = db:exec(
+    "INSERT INTO ops_queue (queue, kind, payload, key, state, available_at, created_at, updated_at) "
+      .. "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) ON CONFLICT DO NOTHING",
+    self.name, kind, payload, key, now + delay, now, now)
+  if changes == nil then return nil, id_or_err, code end
+  if changes == 1 then return id_or_err, "queued" end
+  local rows, err, code2 = db:query("SELECT id FROM ops_queue WHERE queue = ? AND key = ?", self.name, key)
+  if not rows then return nil, err, code2 end
+  if not rows[1] then
+    return nil, "SQLITE_CONSTRAINT: enqueue was refused by the database", "SQLITE_CONSTRAINT"
+  end
+  return rows[1].id, "duplicate"
+end
+
+-- q:claim(worker, lease_seconds [, kinds]) -> item | nil (empty) | nil, err, code
+function Queue:claim(worker, lease_seconds, kinds)
+  if type(worker) ~= "string" then error("ops.store: claim: worker must be a string", 2) end
+  if type(lease_seconds) ~= "number" or lease_seconds <= 0 then
+    error("ops.store: claim: lease_seconds must be a positive number", 2)
+  end
+  local filter, params = "", { self.name }
+  if kinds ~= nil then
+    if type(kinds) ~= "table" or #kinds == 0 then
+      error("ops.store: claim: kinds must be a non-empty array of strings", 2)
+    end
+    -- Only placeholders are generated; the kinds themselves are bound.
+    filter = " AND kind IN (" .. string.rep("?", #kinds, ", ") .. ")"
+    for i = 1, #kinds do params[#params + 1] = kinds[i] end
+  end
+  local select_sql = "SELECT id FROM ops_queue WHERE queue = ? AND available_at <= ?" .. filter
+    .. " ORDER BY available_at, id LIMIT 1"
+  return atomically(self.db, function(db)
+    local now = self.now()
+    -- A lease that expired after the last allowed attempt dead-letters the item
+    -- instead of handing a poison item out forever.
+    must(c_exec(db, "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
+      .. "last_error = 'lease expired after the last attempt' "
+      .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?",
+      now, self.name, now, self.max_attempts))
+    local row = must(c_query(db, select_sql, params[1], now, unpack(params, 2)))[1]
+    if not row then return nil end
+    local item = must(c_query(db, "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
+      .. "attempts = attempts + 1, updated_at = ? WHERE id = ? "
+      .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until",
+      worker, now + lease_seconds, now, row.id))[1]
+    return item
+  end)
+end
+
+-- q:complete(id, worker) -> true | false, "lease lost" | nil, err, code
+function Queue:complete(id, worker)
+  local changes, err, code = self.db:exec(
+    "UPDATE ops_queue SET state = 'done', available_at = NULL, updated_at = ? "
+      .. "WHERE id = ? AND queue = ? AND state = 'leased' AND worker = ?",
+    self.now(), id, self.name, worker)
+  if changes == nil then return nil, err, code end
+  if changes == 0 then return false, "lease lost" end
+  return true
+end
+
+-- q:extend(id, worker, lease_seconds) -> lease_until | false, "lease lost" | nil, err, code
+function Queue:extend(id, worker, lease_seconds)
+  if type(lease_seconds) ~= "number" or lease_seconds <= 0 then
+    error("ops.store: extend: lease_seconds must be a positive number", 2)
+  end
+  local now = self.now()
+  local until_ = now + lease_seconds
+  local changes, err, code = self.db:exec(
+    "UPDATE ops_queue SET available_at = ?, updated_at = ? "
+      .. "WHERE id = ? AND queue = ? AND state = 'leased' AND worker = ?",
+    until_, now, id, self.name, worker)
+  if changes == nil then return nil, err, code end
+  if changes == 0 then return false, "lease lost" end
+  return until_
+end
+
+-- q:fail(id, worker, err [, {max_attempts =, backoff =, max_backoff =}])
+--   -> "ready", ready_at | "dead" | false, "lease lost" | nil, err, code
+function Queue:fail(id, worker, reason, opts)
+  opts = check_opts(opts, "fail")
+  local max_attempts = opts.max_attempts or self.max_attempts
+  local backoff = opts.backoff or self.backoff
+  local max_backoff = opts.max_backoff or self.max_backoff
+  return atomically(self.db, function(db)
+    local now = self.now()
+    local row = must(c_query(db, "SELECT attempts FROM ops_queue "
+      .. "WHERE id = ? AND queue = ? AND state = 'leased' AND worker = ?", id, self.name, worker))[1]
+    if not row then return false, "lease lost" end
+    local msg = reason ~= nil and tostring(reason) or nil
+    if row.attempts >= max_attempts then
+      must(c_exec(db, "UPDATE ops_queue SET state = 'dead', available_at = NULL, last_error = ?, "
+        .. "updated_at = ? WHERE id = ?", msg, now, id))
+      return "dead"
+    end
+    local ready_at = now + math.min(max_backoff, backoff * 2 ^ (row.attempts - 1))
+    must(c_exec(db, "UPDATE ops_queue SET state = 'ready', worker = NULL, available_at = ?, "
+      .. "last_error = ?, updated_at = ? WHERE id = ?", ready_at, msg, now, id))
+    return "ready", ready_at
+  end)
+end
+
+-- q:get(id) -> item (every column; NULL columns absent) | nil | nil, err, code
+function Queue:get(id)
+  local rows, err, code = self.db:query("SELECT * FROM ops_queue WHERE id = ? AND queue = ?", id, self.name)
+  if not rows then return nil, err, code end
+  return rows[1]
+end
+
+-- q:stats() -> { ready = n, leased = n, done = n, dead = n } | nil, err, code
+function Queue:stats()
+  local rows, err, code = self.db:query(
+    "SELECT state, count(*) AS n FROM ops_queue WHERE queue = ? GROUP BY state", self.name)
+  if not rows then return nil, err, code end
+  local counts = { ready = 0, leased = 0, done = 0, dead = 0 }
+  for _, r in ipairs(rows) do counts[r.state] = r.n end
+  return counts
+end
+
+-- q:purge(age_seconds) -> removed | nil, err, code
+-- Deletes done items finished more than age_seconds ago (their keys stop deduplicating).
+function Queue:purge(age_seconds)
+  if type(age_seconds) ~= "number" or age_seconds < 0 then
+    error("ops.store: purge: age_seconds must be a non-negative number", 2)
+  end
+  local changes, err, code = self.db:exec(
+    "DELETE FROM ops_queue WHERE queue = ? AND state = 'done' AND updated_at < ?",
+    self.name, self.now() - age_seconds)
+  if changes == nil then return nil, err, code end
+  return changes
+end
+
+return store

@@ -1,0 +1,260 @@
+/*
+ * ops.core.crypto: hashing, MACs, constant-time comparison, random bytes and
+ * hex/base64 codecs on OpenSSL libcrypto.
+ */
+#include <limits.h>
+#include <string.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+
+#define RANDOM_MAX_BYTES (1024 * 1024)
+
+static const char hex_digits[] = "0123456789abcdef";
+
+static void push_hex(lua_State *L, const unsigned char *p, size_t n)
+{
+	luaL_Buffer b;
+	char *out = luaL_buffinitsize(L, &b, n * 2);
+	for (size_t i = 0; i < n; i++) {
+		out[2 * i] = hex_digits[p[i] >> 4];
+		out[2 * i + 1] = hex_digits[p[i] & 0x0f];
+	}
+	luaL_pushresultsize(&b, n * 2);
+}
+
+static void push_digest(lua_State *L, const unsigned char *md, size_t n, int raw)
+{
+	if (raw)
+		lua_pushlstring(L, (const char *)md, n);
+	else
+		push_hex(L, md, n);
+}
+
+static int push_crypto_error(lua_State *L, const char *what)
+{
+	lua_pushnil(L);
+	lua_pushfstring(L, "ECRYPTO: %s failed in OpenSSL", what);
+	lua_pushliteral(L, "ECRYPTO");
+	return 3;
+}
+
+static int push_einval(lua_State *L, const char *msg)
+{
+	lua_pushnil(L);
+	lua_pushfstring(L, "EINVAL: %s", msg);
+	lua_pushliteral(L, "EINVAL");
+	return 3;
+}
+
+/* crypto.sha256(data [, raw]) -> hex | raw bytes */
+static int crypto_sha256(lua_State *L)
+{
+	size_t n;
+	const char *data = luaL_checklstring(L, 1, &n);
+	int raw = lua_toboolean(L, 2);
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+
+	if (!EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL))
+		return push_crypto_error(L, "sha256");
+	push_digest(L, md, mdlen, raw);
+	return 1;
+}
+
+/* crypto.hmac_sha256(key, data [, raw]) -> hex | raw bytes */
+static int crypto_hmac_sha256(lua_State *L)
+{
+	size_t klen, n;
+	const char *key = luaL_checklstring(L, 1, &klen);
+	const char *data = luaL_checklstring(L, 2, &n);
+	int raw = lua_toboolean(L, 3);
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+
+	luaL_argcheck(L, klen <= INT_MAX, 1, "key too long");
+	if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)data, n, md, &mdlen))
+		return push_crypto_error(L, "hmac_sha256");
+	push_digest(L, md, mdlen, raw);
+	return 1;
+}
+
+/* crypto.equals(a, b) -> boolean (constant time for equal lengths) */
+static int crypto_equals(lua_State *L)
+{
+	size_t alen, blen;
+	const char *a = luaL_checklstring(L, 1, &alen);
+	const char *b = luaL_checklstring(L, 2, &blen);
+
+	/* Lengths are not secret (a MAC's length is public); contents are. */
+	lua_pushboolean(L, alen == blen && CRYPTO_memcmp(a, b, alen) == 0);
+	return 1;
+}
+
+/* crypto.random(n) -> n random bytes | nil, err, code */
+static int crypto_random(lua_State *L)
+{
+	lua_Integer n = luaL_checkinteger(L, 1);
+	luaL_Buffer b;
+	unsigned char *out;
+
+	luaL_argcheck(L, n >= 0 && n <= RANDOM_MAX_BYTES, 1, "must be between 0 and 1048576");
+	out = (unsigned char *)luaL_buffinitsize(L, &b, (size_t)n);
+	if (n > 0 && RAND_bytes(out, (int)n) != 1)
+		return push_crypto_error(L, "RAND_bytes");
+	luaL_pushresultsize(&b, (size_t)n);
+	return 1;
+}
+
+/* crypto.hex(s) -> lowercase hex string */
+static int crypto_hex(lua_State *L)
+{
+	size_t n;
+	const char *s = luaL_checklstring(L, 1, &n);
+	push_hex(L, (const unsigned char *)s, n);
+	return 1;
+}
+
+static int hex_value(unsigned char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* crypto.unhex(s) -> bytes | nil, err, "EINVAL" */
+static int crypto_unhex(lua_State *L)
+{
+	size_t n;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+	luaL_Buffer b;
+	char *out;
+
+	if (n % 2 != 0)
+		return push_einval(L, "hex string has an odd number of digits");
+	out = luaL_buffinitsize(L, &b, n / 2);
+	for (size_t i = 0; i < n; i += 2) {
+		int hi = hex_value(s[i]), lo = hex_value(s[i + 1]);
+		if (hi < 0 || lo < 0)
+			return push_einval(L, "hex string contains a non-hex character");
+		out[i / 2] = (char)((hi << 4) | lo);
+	}
+	luaL_pushresultsize(&b, n / 2);
+	return 1;
+}
+
+/* crypto.base64_encode(s) -> standard base64 with padding, no line breaks */
+static int crypto_base64_encode(lua_State *L)
+{
+	size_t n;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+	size_t outlen = 4 * ((n + 2) / 3);
+	luaL_Buffer b;
+	unsigned char *out;
+	size_t done = 0;
+
+	out = (unsigned char *)luaL_buffinitsize(L, &b, outlen + 1);
+	/* EVP_EncodeBlock takes an int length: feed it in chunks that are multiples of 3. */
+	while (n > 0) {
+		size_t chunk = n > 3 * (1u << 28) ? 3 * (1u << 28) : n;
+		done += (size_t)EVP_EncodeBlock(out + done, s, (int)chunk);
+		s += chunk;
+		n -= chunk;
+	}
+	luaL_pushresultsize(&b, done);
+	return 1;
+}
+
+static int is_b64_space(unsigned char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+}
+
+static int is_b64_char(unsigned char c)
+{
+	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+	       c == '+' || c == '/';
+}
+
+/*
+ * crypto.base64_decode(s) -> bytes | nil, err, "EINVAL"
+ * Standard alphabet. Whitespace anywhere is ignored (wrapped PEM-style input);
+ * padding may be omitted, but if present it must be correct and only at the end.
+ */
+static int crypto_base64_decode(lua_State *L)
+{
+	size_t n;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+	luaL_Buffer clean, out;
+	unsigned char *c, *o;
+	size_t len = 0, pad = 0, outlen;
+	int got;
+
+	if (n > (size_t)INT_MAX - 4)
+		return push_einval(L, "base64 input too large");
+	c = (unsigned char *)luaL_buffinitsize(L, &clean, n + 4);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = s[i];
+		if (is_b64_space(ch))
+			continue;
+		if (ch == '=') {
+			pad++;
+			if (pad > 2)
+				return push_einval(L, "base64 has too much padding");
+		} else if (!is_b64_char(ch)) {
+			return push_einval(L, "base64 contains an invalid character");
+		} else if (pad > 0) {
+			return push_einval(L, "base64 has data after padding");
+		}
+		c[len++] = ch;
+	}
+	if (pad == 0) {
+		if (len % 4 == 1)
+			return push_einval(L, "base64 length is not valid");
+		while (len % 4 != 0) {
+			c[len++] = '=';
+			pad++;
+		}
+	} else if (len % 4 != 0) {
+		return push_einval(L, "base64 padding does not match length");
+	}
+	if (len == 0) {
+		lua_pushliteral(L, "");
+		return 1;
+	}
+	outlen = len / 4 * 3;
+	o = (unsigned char *)luaL_buffinitsize(L, &out, outlen);
+	got = EVP_DecodeBlock(o, c, (int)len);
+	if (got < 0 || (size_t)got != outlen)
+		return push_einval(L, "base64 could not be decoded");
+	/* EVP_DecodeBlock counts the padding as zero bytes; drop them. */
+	luaL_pushresultsize(&out, outlen - pad);
+	return 1;
+}
+
+static const luaL_Reg crypto_funcs[] = {
+	{"sha256", crypto_sha256},
+	{"hmac_sha256", crypto_hmac_sha256},
+	{"equals", crypto_equals},
+	{"random", crypto_random},
+	{"hex", crypto_hex},
+	{"unhex", crypto_unhex},
+	{"base64_encode", crypto_base64_encode},
+	{"base64_decode", crypto_base64_decode},
+	{NULL, NULL},
+};
+
+int luaopen_ops_core_crypto(lua_State *L)
+{
+	luaL_newlib(L, crypto_funcs);
+	return 1;
+}

@@ -1,0 +1,773 @@
+/* proc.c: child processes on the loop.
+ *
+ * Each child runs in its own session and process group (so a timeout or a forwarded
+ * signal reaches its whole tree), never through a shell. Its output arrives through pipes
+ * we make ourselves (close-on-exec on our ends, so one child never holds another's pipe
+ * open). A run is over when the child has exited and both pipes are at end of file; after
+ * a kill, a hard deadline closes pipes a grandchild still holds.
+ *
+ * The C struct owns every libuv handle and outlives its Lua handle when it must: it is
+ * freed when its last handle has closed.
+ */
+#include "linebuf.h"
+#include "opsrun.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define PROC_MT "ops.proc"
+#define MAX_LINE (1024 * 1024)
+#define DEFAULT_CAPTURE (1024 * 1024)
+
+enum { S_CAPTURE, S_INHERIT, S_IGNORE, S_FILE, S_MERGE };
+
+typedef struct proc proc;
+
+typedef struct {
+  uv_pipe_t pipe;
+  proc *p;
+  const char *name;
+  int mode;
+  int reading; /* our read end is open */
+  int cb_ref;  /* line callback, or LUA_NOREF */
+  ops_linebuf lines;
+  ops_tailbuf tail;
+} stream;
+
+struct proc {
+  uv_process_t h;
+  stream out, err;
+  uv_pipe_t in;
+  uv_write_t wreq;
+  uv_timer_t timer;
+  int in_open, in_ref;
+  int handles; /* open libuv handles; the struct goes when it reaches 0 */
+  int exited, term_signal;
+  int64_t exit_status;
+  int timed_out, killed, phase, done, in_live;
+  double timeout, grace, drain;
+  uint64_t start;
+  double duration;
+  int cb_error_ref; /* the first error a line callback raised */
+  pid_t pid;
+  ops_wait w;
+  struct proc_ud *ud;
+  proc *next, *prev;
+};
+
+typedef struct proc_ud {
+  proc *p;
+} proc_ud;
+
+enum { PH_RUN, PH_TERM, PH_KILL };
+
+static proc *live;
+static int live_count;
+static char readbuf[65536];
+
+int ops_proc_count(void) { return live_count; }
+
+int ops_proc_signal_all(int signum) {
+  int n = 0;
+  for (proc *p = live; p; p = p->next)
+    if (kill(-p->pid, signum) == 0) n++;
+  return n;
+}
+
+static void unlink_live(proc *p) {
+  if (!p->in_live) return;
+  p->in_live = 0;
+  if (p->prev)
+    p->prev->next = p->next;
+  else if (live == p)
+    live = p->next;
+  if (p->next) p->next->prev = p->prev;
+  p->next = p->prev = NULL;
+  live_count--;
+}
+
+static void proc_free(proc *p) {
+  lua_State *L = ops_main_state();
+  luaL_unref(L, LUA_REGISTRYINDEX, p->out.cb_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->err.cb_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->in_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->cb_error_ref);
+  ops_linebuf_free(&p->out.lines);
+  ops_linebuf_free(&p->err.lines);
+  ops_tailbuf_free(&p->out.tail);
+  ops_tailbuf_free(&p->err.tail);
+  if (p->ud) p->ud->p = NULL;
+  free(p);
+}
+
+static void handle_closed(uv_handle_t *h) {
+  proc *p = h->data;
+  if (--p->handles == 0) proc_free(p);
+}
+
+static void close_handle(proc *p, uv_handle_t *h) {
+  (void)p;
+  if (!uv_is_closing(h)) uv_close(h, handle_closed);
+}
+
+static const char *signal_name(int sig) {
+  switch (sig) {
+    case SIGTERM: return "SIGTERM";
+    case SIGKILL: return "SIGKILL";
+    case SIGINT: return "SIGINT";
+    case SIGHUP: return "SIGHUP";
+    case SIGQUIT: return "SIGQUIT";
+    case SIGSEGV: return "SIGSEGV";
+    case SIGABRT: return "SIGABRT";
+    case SIGPIPE: return "SIGPIPE";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+    case SIGBUS: return "SIGBUS";
+    case SIGFPE: return "SIGFPE";
+    case SIGILL: return "SIGILL";
+    case SIGALRM: return "SIGALRM";
+    default: return "SIG?";
+  }
+}
+
+static void push_result(lua_State *L, proc *p) {
+  lua_createtable(L, 0, 10);
+  if (p->exited && p->term_signal == 0) {
+    lua_pushinteger(L, p->exit_status);
+    lua_setfield(L, -2, "code");
+  }
+  if (p->term_signal) {
+    lua_pushstring(L, signal_name(p->term_signal));
+    lua_setfield(L, -2, "signal");
+  }
+  lua_pushboolean(L, p->exited && p->term_signal == 0 && p->exit_status == 0 && !p->timed_out);
+  lua_setfield(L, -2, "ok");
+  lua_pushboolean(L, p->timed_out);
+  lua_setfield(L, -2, "timed_out");
+  lua_pushnumber(L, p->duration);
+  lua_setfield(L, -2, "duration");
+  lua_pushinteger(L, p->pid);
+  lua_setfield(L, -2, "pid");
+  stream *ss[2] = {&p->out, &p->err};
+  const char *trunc[2] = {"stdout_truncated", "stderr_truncated"};
+  for (int i = 0; i < 2; i++) {
+    stream *s = ss[i];
+    if (s->mode != S_CAPTURE) continue;
+    size_t n;
+    const char *d = ops_tailbuf_data(&s->tail, &n);
+    lua_pushlstring(L, d, n);
+    lua_setfield(L, -2, s->name);
+    if (s->tail.truncated) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, trunc[i]);
+    }
+  }
+}
+
+/* Called whenever a part ends: completes the run once the child exited and the pipes closed. */
+static void maybe_done(proc *p) {
+  if (p->done || !p->exited || p->out.reading || p->err.reading) return;
+  p->done = 1;
+  unlink_live(p);
+  if (uv_is_active((uv_handle_t *)&p->timer)) uv_timer_stop(&p->timer);
+  close_handle(p, (uv_handle_t *)&p->timer);
+  lua_State *co = ops_wait_thread(&p->w);
+  if (co == NULL) return;
+  if (p->cb_error_ref != LUA_NOREF) {
+    lua_checkstack(co, 2);
+    lua_pushnil(co);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, p->cb_error_ref);
+    ops_wait_complete(&p->w, 2);
+    return;
+  }
+  lua_checkstack(co, 4);
+  push_result(co, p);
+  ops_wait_complete(&p->w, 1);
+}
+
+static void stop_reading(stream *s) {
+  if (!s->reading) return;
+  s->reading = 0;
+  uv_read_stop((uv_stream_t *)&s->pipe);
+  close_handle(s->p, (uv_handle_t *)&s->pipe);
+}
+
+/* ---- kill sequence: TERM, grace, KILL, drain ---- */
+
+static void on_timer(uv_timer_t *t) {
+  proc *p = t->data;
+  if (p->phase == PH_RUN) {
+    if (!p->killed) p->timed_out = 1; /* the timeout, rather than a kill request */
+    p->killed = 1;
+    p->phase = PH_TERM;
+    kill(-p->pid, SIGTERM);
+    uv_timer_start(&p->timer, on_timer, (uint64_t)(p->grace * 1000), 0);
+  } else if (p->phase == PH_TERM) {
+    p->phase = PH_KILL;
+    kill(-p->pid, SIGKILL);
+    uv_timer_start(&p->timer, on_timer, (uint64_t)(p->drain * 1000), 0);
+  } else {
+    /* the hard deadline: whatever still holds our pipes cannot hang us */
+    stop_reading(&p->out);
+    stop_reading(&p->err);
+    if (!p->exited) {
+      uv_timer_start(&p->timer, on_timer, 1000, 0);
+      return;
+    }
+    maybe_done(p);
+  }
+}
+
+static void start_kill(proc *p) {
+  if (p->killed || p->done) return;
+  p->killed = 1;
+  p->phase = PH_RUN;
+  uv_timer_stop(&p->timer);
+  on_timer(&p->timer);
+}
+
+static void on_child_exit(uv_process_t *h, int64_t status, int term_signal) {
+  proc *p = h->data;
+  p->exited = 1;
+  p->exit_status = status;
+  p->term_signal = term_signal;
+  p->duration = (double)(uv_hrtime() - p->start) / 1e9;
+  close_handle(p, (uv_handle_t *)h);
+  if (p->killed && p->phase == PH_TERM && (p->out.reading || p->err.reading)) {
+    /* the child is gone but something in its group still holds a pipe: no more grace */
+    uv_timer_stop(&p->timer);
+    on_timer(&p->timer);
+  }
+  maybe_done(p);
+}
+
+/* ---- output ---- */
+
+typedef struct {
+  stream *s;
+  lua_State *L;
+} deliver_ctx;
+
+static int deliver_line(void *ctx, const char *line, size_t len) {
+  deliver_ctx *d = ctx;
+  lua_State *L = d->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, d->s->cb_ref);
+  lua_pushlstring(L, line, len);
+  lua_pushstring(L, d->s->name);
+  lua_call(L, 2, 0);
+  return 0;
+}
+
+/* Under lua_pcall: hands each complete line of the chunk to the stream's callback. */
+static int deliver(lua_State *L) {
+  deliver_ctx d = {lua_touserdata(L, 1), L};
+  const char *data = lua_touserdata(L, 2);
+  size_t n = (size_t)lua_tointeger(L, 3);
+  int rc = data ? ops_linebuf_feed(&d.s->lines, data, n, deliver_line, &d)
+                : ops_linebuf_finish(&d.s->lines, deliver_line, &d);
+  if (rc < 0) return luaL_error(L, "out of memory splitting lines");
+  return 0;
+}
+
+static int traceback(lua_State *L) {
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+static void run_callback(stream *s, const char *data, size_t n) {
+  proc *p = s->p;
+  if (s->cb_ref == LUA_NOREF || p->cb_error_ref != LUA_NOREF) return;
+  lua_State *L = ops_main_state();
+  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, deliver);
+  lua_pushlightuserdata(L, s);
+  lua_pushlightuserdata(L, (void *)data);
+  lua_pushinteger(L, (lua_Integer)n);
+  if (lua_pcall(L, 3, 0, -5) != LUA_OK) {
+    p->cb_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    start_kill(p); /* nobody can take its output any more */
+  }
+  lua_pop(L, 1);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)h;
+  (void)suggested;
+  *buf = uv_buf_init(readbuf, sizeof readbuf);
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+  stream *s = (stream *)((char *)st - offsetof(stream, pipe));
+  if (nread > 0) {
+    ops_tailbuf_append(&s->tail, buf->base, (size_t)nread);
+    run_callback(s, buf->base, (size_t)nread);
+    return;
+  }
+  if (nread == 0) return;
+  run_callback(s, NULL, 0); /* end of stream: the last line without "\n" */
+  stop_reading(s);
+  maybe_done(s->p);
+}
+
+/* ---- stdin ---- */
+
+static void on_written(uv_write_t *req, int status) {
+  proc *p = req->data;
+  (void)status; /* a child that does not read its input is not our failure */
+  if (p->in_open) {
+    p->in_open = 0;
+    close_handle(p, (uv_handle_t *)&p->in);
+  }
+}
+
+/* ---- spawning ---- */
+
+static int fail(lua_State *L, const char *code, const char *fmt, const char *what, const char *detail) {
+  lua_pushnil(L);
+  lua_pushfstring(L, fmt, what, detail);
+  lua_pushstring(L, code);
+  return 3;
+}
+
+/* Reads a stream option: "capture" | "inherit" | "ignore" | function | {path=, append=}
+ * | "stdout" (stderr only). Raises on misuse; opens nothing. */
+static int stream_mode(lua_State *L, int opts, const char *key, int *cb_idx, const char **path, int *append) {
+  int t = lua_getfield(L, opts, key);
+  *cb_idx = 0;
+  *path = NULL;
+  *append = 0;
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return S_CAPTURE;
+  }
+  if (t == LUA_TFUNCTION) {
+    *cb_idx = lua_gettop(L); /* stays on the stack until the handle holds a reference */
+    return S_CAPTURE;
+  }
+  if (t == LUA_TTABLE) {
+    lua_getfield(L, -1, "path");
+    *path = lua_tostring(L, -1); /* anchored by the options table */
+    if (*path == NULL) luaL_error(L, "opts.%s: a file target needs a 'path' string", key);
+    lua_getfield(L, -2, "append");
+    *append = lua_toboolean(L, -1);
+    lua_pop(L, 3);
+    return S_FILE;
+  }
+  const char *m = lua_tostring(L, -1);
+  int mode = -1;
+  if (m && strcmp(m, "capture") == 0) mode = S_CAPTURE;
+  if (m && strcmp(m, "inherit") == 0) mode = S_INHERIT;
+  if (m && strcmp(m, "ignore") == 0) mode = S_IGNORE;
+  if (m && strcmp(m, "stdout") == 0 && strcmp(key, "stderr") == 0) mode = S_MERGE;
+  if (mode < 0) luaL_error(L, "opts.%s: expected \"capture\", \"inherit\", \"ignore\", a function or {path=...}%s", key,
+                           strcmp(key, "stderr") == 0 ? " or \"stdout\"" : "");
+  lua_pop(L, 1);
+  return mode;
+}
+
+static int open_output(const char *path, int append) {
+  return open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0644);
+}
+
+static double opt_number(lua_State *L, int opts, const char *key, double dflt) {
+  lua_getfield(L, opts, key);
+  double v = luaL_optnumber(L, -1, dflt);
+  lua_pop(L, 1);
+  return v;
+}
+
+static void stream_init(proc *p, stream *s, const char *name, size_t limit) {
+  s->p = p;
+  s->name = name;
+  s->cb_ref = LUA_NOREF;
+  ops_linebuf_init(&s->lines, MAX_LINE);
+  ops_tailbuf_init(&s->tail, limit);
+}
+
+/* proc.spawn(argv, opts) -> handle | nil, err, code */
+static int l_spawn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_isnoneornil(L, 2)) {
+    lua_settop(L, 1);
+    lua_newtable(L);
+  }
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+  int argc = (int)luaL_len(L, 1);
+  if (argc < 1) return luaL_argerror(L, 1, "argv needs at least the program");
+  lua_newtable(L); /* 3: anchors for every string we pass to C */
+  int anchors = 3, nanchor = 0;
+  char **args = lua_newuserdatauv(L, sizeof(char *) * ((size_t)argc + 1), 0);
+  lua_rawseti(L, anchors, ++nanchor);
+  for (int i = 1; i <= argc; i++) {
+    lua_rawgeti(L, 1, i);
+    if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+      return luaL_argerror(L, 1, lua_pushfstring(L, "argv[%d] is a %s, not a string", i, luaL_typename(L, -1)));
+    args[i - 1] = (char *)lua_tostring(L, -1);
+    if (strlen(args[i - 1]) != lua_rawlen(L, -1))
+      return luaL_argerror(L, 1, lua_pushfstring(L, "argv[%d] contains a NUL byte", i));
+    lua_rawseti(L, anchors, ++nanchor);
+  }
+  args[argc] = NULL;
+
+  /* environment */
+  char **env = NULL;
+  lua_getfield(L, 2, "env");
+  if (!lua_isnil(L, -1)) {
+    luaL_argcheck(L, lua_istable(L, -1), 2, "opts.env must be a table");
+    int envt = lua_gettop(L);
+    lua_getfield(L, 2, "env_replace");
+    int replace = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    size_t n = 0;
+    for (char **e = environ; e && *e; e++) n++;
+    lua_pushnil(L);
+    while (lua_next(L, envt)) {
+      n++;
+      lua_pop(L, 1);
+    }
+    env = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
+    lua_rawseti(L, anchors, ++nanchor);
+    size_t k = 0;
+    if (!replace) {
+      for (char **e = environ; e && *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (eq == NULL) continue;
+        lua_pushlstring(L, *e, (size_t)(eq - *e));
+        int t = lua_rawget(L, envt);
+        lua_pop(L, 1);
+        if (t == LUA_TNIL) env[k++] = *e;
+      }
+    }
+    lua_pushnil(L);
+    while (lua_next(L, envt)) {
+      if (lua_type(L, -2) != LUA_TSTRING) return luaL_argerror(L, 2, "opts.env keys must be strings");
+      if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+        lua_pop(L, 1);
+        continue;
+      }
+      if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+        return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env.%s must be a string (or false to unset)", lua_tostring(L, -2)));
+      lua_pushfstring(L, "%s=%s", lua_tostring(L, -2), lua_tostring(L, -1));
+      env[k++] = (char *)lua_tostring(L, -1);
+      lua_rawseti(L, anchors, ++nanchor);
+      lua_pop(L, 1);
+    }
+    env[k] = NULL;
+  }
+  lua_pop(L, 1);
+
+  lua_getfield(L, 2, "cwd");
+  const char *cwd = lua_tostring(L, -1);
+  lua_pop(L, 1); /* the options table anchors it */
+  if (cwd) {
+    struct stat st;
+    if (stat(cwd, &st) != 0 || !S_ISDIR(st.st_mode))
+      return fail(L, "ENOENT", "%s: cannot run in %s: no such directory", args[0], cwd);
+  }
+
+  int out_cb, err_cb, out_append, err_append, out_fd = -1, err_fd = -1;
+  const char *out_path, *err_path;
+  int out_mode = stream_mode(L, 2, "stdout", &out_cb, &out_path, &out_append);
+  int err_mode = stream_mode(L, 2, "stderr", &err_cb, &err_path, &err_append);
+  size_t limit = (size_t)opt_number(L, 2, "capture_limit", DEFAULT_CAPTURE);
+  double timeout = opt_number(L, 2, "timeout", 0);
+  double grace = opt_number(L, 2, "grace", 5);
+  double drain = opt_number(L, 2, "drain", 2);
+  int stdin_type = lua_getfield(L, 2, "stdin");
+  if (stdin_type == LUA_TTABLE) {
+    lua_getfield(L, -1, "path");
+    if (!lua_isstring(L, -1)) return luaL_argerror(L, 2, "opts.stdin: a file source needs a 'path' string");
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  /* nothing below raises, but for lack of memory */
+  proc *p = calloc(1, sizeof *p);
+  if (p == NULL) return luaL_error(L, "out of memory");
+  p->cb_error_ref = p->in_ref = LUA_NOREF;
+  stream_init(p, &p->out, "stdout", limit);
+  stream_init(p, &p->err, "stderr", limit);
+  p->timeout = timeout;
+  p->grace = grace;
+  p->drain = drain;
+  p->out.mode = out_mode;
+  p->err.mode = err_mode;
+  if (out_mode == S_FILE) out_fd = open_output(out_path, out_append);
+  if (err_mode == S_FILE && !(out_mode == S_FILE && out_fd < 0)) err_fd = open_output(err_path, err_append);
+  if ((p->out.mode == S_FILE && out_fd < 0) || (p->err.mode == S_FILE && err_fd < 0)) {
+    int e = errno;
+    const char *path = p->out.mode == S_FILE && out_fd < 0 ? out_path : err_path;
+    if (out_fd >= 0) close(out_fd);
+    if (err_fd >= 0) close(err_fd);
+    proc_free(p);
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: cannot open output file %s: %s", args[0], path, strerror(e));
+    lua_pushstring(L, uv_err_name(-e));
+    return 3;
+  }
+
+  /* stdin: nil -> /dev/null, string -> written to a pipe, {path=} -> file, "inherit" */
+  uv_stdio_container_t stdio[3];
+  memset(stdio, 0, sizeof stdio);
+  stdio[0].flags = UV_IGNORE;
+  int in_fd = -1;
+  const char *in_data = NULL;
+  size_t in_len = 0;
+  int t = lua_getfield(L, 2, "stdin");
+  if (t == LUA_TSTRING) {
+    in_data = lua_tolstring(L, -1, &in_len);
+    p->in_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (t == LUA_TTABLE) {
+    lua_getfield(L, -1, "path");
+    const char *path = lua_tostring(L, -1);
+    in_fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (in_fd < 0) {
+      int e = errno;
+      if (out_fd >= 0) close(out_fd);
+      if (err_fd >= 0) close(err_fd);
+      proc_free(p);
+      lua_pushnil(L);
+      lua_pushfstring(L, "%s: cannot open input file %s: %s", args[0], path, strerror(e));
+      lua_pushstring(L, uv_err_name(-e));
+      return 3;
+    }
+    lua_pop(L, 2);
+    stdio[0].flags = UV_INHERIT_FD;
+    stdio[0].data.fd = in_fd;
+  } else {
+    const char *m = lua_tostring(L, -1);
+    if (m && strcmp(m, "inherit") == 0) {
+      stdio[0].flags = UV_INHERIT_FD;
+      stdio[0].data.fd = 0;
+    }
+    lua_pop(L, 1);
+  }
+  int fds_in[2] = {-1, -1};
+  if (in_data) {
+    if (uv_pipe(fds_in, 0, UV_NONBLOCK_PIPE) != 0) {
+      proc_free(p);
+      return luaL_error(L, "cannot make a pipe: %s", strerror(errno));
+    }
+    stdio[0].flags = UV_INHERIT_FD;
+    stdio[0].data.fd = fds_in[0];
+  }
+
+  /* stdout and stderr */
+  int fds_out[2] = {-1, -1}, fds_err[2] = {-1, -1};
+  stream *ss[2] = {&p->out, &p->err};
+  int *fds[2] = {fds_out, fds_err};
+  int file_fd[2] = {out_fd, err_fd};
+  for (int i = 0; i < 2; i++) {
+    stream *s = ss[i];
+    int fd = i + 1;
+    switch (s->mode) {
+      case S_CAPTURE:
+        if (uv_pipe(fds[i], UV_NONBLOCK_PIPE, 0) != 0) return luaL_error(L, "cannot make a pipe");
+        stdio[fd].flags = UV_INHERIT_FD;
+        stdio[fd].data.fd = fds[i][1];
+        break;
+      case S_INHERIT:
+        stdio[fd].flags = UV_INHERIT_FD;
+        stdio[fd].data.fd = fd;
+        break;
+      case S_IGNORE: stdio[fd].flags = UV_IGNORE; break;
+      case S_FILE:
+        stdio[fd].flags = UV_INHERIT_FD;
+        stdio[fd].data.fd = file_fd[i];
+        break;
+      case S_MERGE: stdio[fd] = stdio[1]; break;
+    }
+  }
+
+  uv_process_options_t o;
+  memset(&o, 0, sizeof o);
+  o.file = args[0];
+  o.args = args;
+  o.env = env;
+  o.cwd = cwd;
+  o.exit_cb = on_child_exit;
+  o.flags = UV_PROCESS_DETACHED; /* its own session and process group */
+  o.stdio_count = 3;
+  o.stdio = stdio;
+  p->h.data = p;
+  p->start = uv_hrtime();
+  int rc = uv_spawn(ops_loop(), &p->h, &o);
+  /* the child has its copies now (or never will) */
+  int child_ends[] = {fds_in[0], fds_out[1], fds_err[1], in_fd, out_fd, err_fd};
+  for (size_t i = 0; i < sizeof child_ends / sizeof *child_ends; i++)
+    if (child_ends[i] >= 0) close(child_ends[i]);
+  if (rc != 0) {
+    int ours[] = {fds_in[1], fds_out[0], fds_err[0]};
+    for (size_t i = 0; i < 3; i++)
+      if (ours[i] >= 0) close(ours[i]);
+    /* uv_spawn failed: the process handle still has to be closed */
+    p->handles = 1;
+    uv_close((uv_handle_t *)&p->h, handle_closed);
+    lua_pushnil(L);
+    if (rc == UV_ENOENT)
+      lua_pushfstring(L, "%s: command not found", args[0]);
+    else if (rc == UV_EACCES)
+      lua_pushfstring(L, "%s: permission denied (is it executable?)", args[0]);
+    else
+      lua_pushfstring(L, "%s: cannot run: %s", args[0], uv_strerror(rc));
+    lua_pushstring(L, uv_err_name(rc));
+    return 3;
+  }
+  p->pid = p->h.pid;
+  p->handles = 2; /* process + timer */
+  uv_timer_init(ops_loop(), &p->timer);
+  p->timer.data = p;
+  p->next = live;
+  if (live) live->prev = p;
+  live = p;
+  live_count++;
+  p->in_live = 1;
+
+  int cbs[2] = {out_cb, err_cb};
+  for (int i = 0; i < 2; i++) {
+    stream *s = ss[i];
+    if (s->mode != S_CAPTURE) continue;
+    uv_pipe_init(ops_loop(), &s->pipe, 0);
+    s->pipe.data = p;
+    p->handles++;
+    uv_pipe_open(&s->pipe, fds[i][0]);
+    s->reading = 1;
+    uv_read_start((uv_stream_t *)&s->pipe, on_alloc, on_read);
+    if (cbs[i]) {
+      lua_pushvalue(L, cbs[i]);
+      s->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+  }
+  if (in_data) {
+    uv_pipe_init(ops_loop(), &p->in, 0);
+    p->in.data = p;
+    p->handles++;
+    uv_pipe_open(&p->in, fds_in[1]);
+    p->in_open = 1;
+    uv_buf_t b = uv_buf_init((char *)in_data, (unsigned)in_len);
+    p->wreq.data = p;
+    if (uv_write(&p->wreq, (uv_stream_t *)&p->in, &b, 1, on_written) != 0) {
+      p->in_open = 0;
+      close_handle(p, (uv_handle_t *)&p->in);
+    }
+  }
+  if (p->timeout > 0) uv_timer_start(&p->timer, on_timer, (uint64_t)(p->timeout * 1000), 0);
+
+  proc_ud *ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  ud->p = p;
+  p->ud = ud;
+  p->handles++; /* the Lua handle keeps the struct, and so the result, alive */
+  luaL_setmetatable(L, PROC_MT);
+  return 1;
+}
+
+static proc_ud *check_ud(lua_State *L) { return luaL_checkudata(L, 1, PROC_MT); }
+
+static void wait_cancel(ops_wait *w) {
+  proc *p = (proc *)((char *)w - offsetof(proc, w));
+  start_kill(p); /* the task that waited is gone: the child goes too */
+}
+
+/* handle:wait() -> result | nil, err  (err: what a line callback raised) */
+static int l_wait(lua_State *L) {
+  proc_ud *ud = check_ud(L);
+  proc *p = ud->p;
+  if (p == NULL) return luaL_error(L, "this process handle is closed");
+  if (p->done) {
+    if (p->cb_error_ref != LUA_NOREF) {
+      lua_pushnil(L);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, p->cb_error_ref);
+      return 2;
+    }
+    push_result(L, p);
+    return 1;
+  }
+  ops_check_task(L, "proc:wait");
+  if (ops_wait_thread(&p->w) != NULL) return luaL_error(L, "another task is already waiting for this process");
+  p->w.cancel = wait_cancel;
+  return ops_wait_begin(L, &p->w, -1);
+}
+
+/* handle:kill([signal]) -> true | false : signals the whole process group; "SIGTERM" by
+ * default starts the TERM, grace, KILL sequence */
+static int l_kill(lua_State *L) {
+  proc_ud *ud = check_ud(L);
+  const char *sig = luaL_optstring(L, 2, NULL);
+  proc *p = ud->p;
+  if (p == NULL || p->exited) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (sig == NULL) {
+    start_kill(p);
+  } else {
+    int num = strcmp(sig, "SIGKILL") == 0 ? SIGKILL
+              : strcmp(sig, "SIGTERM") == 0 ? SIGTERM
+              : strcmp(sig, "SIGINT") == 0 ? SIGINT
+              : strcmp(sig, "SIGHUP") == 0 ? SIGHUP
+                                           : 0;
+    if (num == 0) return luaL_argerror(L, 2, "expected SIGTERM, SIGKILL, SIGINT or SIGHUP");
+    kill(-p->pid, num);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_index(lua_State *L) {
+  proc_ud *ud = check_ud(L);
+  const char *k = luaL_checkstring(L, 2);
+  if (strcmp(k, "pid") == 0) {
+    if (ud->p == NULL) return 0;
+    lua_pushinteger(L, ud->p->pid);
+    return 1;
+  }
+  lua_getmetatable(L, 1);
+  lua_getfield(L, -1, "methods");
+  lua_getfield(L, -1, k);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  proc_ud *ud = check_ud(L);
+  proc *p = ud->p;
+  ud->p = NULL;
+  if (p == NULL) return 0;
+  p->ud = NULL; /* the child runs on; its struct goes when it ends */
+  if (--p->handles == 0) proc_free(p);
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  proc_ud *ud = check_ud(L);
+  if (ud->p)
+    lua_pushfstring(L, "process %d", (int)ud->p->pid);
+  else
+    lua_pushliteral(L, "process (ended)");
+  return 1;
+}
+
+int luaopen_ops_core_proc(lua_State *L) {
+  static const luaL_Reg methods[] = {{"wait", l_wait}, {"kill", l_kill}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"spawn", l_spawn}, {NULL, NULL}};
+  if (luaL_newmetatable(L, PROC_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "methods");
+    lua_pushcfunction(L, l_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  return 1;
+}

@@ -1,0 +1,67 @@
+-- ops.log: readable text or JSON lines on stderr, secrets never shown.
+local h = require "helpers"
+
+local function run(code, env)
+  return h.run_opsrun({"-e", code}, {env = env})
+end
+
+describe("ops.log", function()
+  it("writes readable lines with level, message and sorted fields to stderr", function()
+    local r = run([[ops.log.info("deployed %s", "prod"); ops.log.warn("slow", {step = "helm", secs = 3})]],
+      {NO_COLOR = "1"})
+    assert.are.equal("", r.stdout)
+    assert.matches("^%d%d:%d%d:%d%d INFO  deployed prod\n", r.stderr)
+    assert.matches("WARN  slow  secs=3 step=helm\n", r.stderr)
+  end)
+
+  it("has no colour when the output is not a terminal", function()
+    local r = run([[ops.log.error("bad")]])
+    assert.is_nil(r.stderr:find("\27[", 1, true))
+  end)
+
+  it("writes JSON lines with OPSRUN_LOG_FORMAT=json or --log-format json", function()
+    local r = run([[ops.log.info("hello", {n = 2, env = "dev"})]], {OPSRUN_LOG_FORMAT = "json"})
+    local rec = require("cjson").decode(r.stderr)
+    assert.are.equal("info", rec.level)
+    assert.are.equal("hello", rec.msg)
+    assert.are.equal(2, rec.n)
+    assert.are.equal("dev", rec.env)
+    assert.matches("^%d+%-%d+%-%d+T", rec.ts)
+    r = h.run_opsrun({"--log-format", "json", "-e", [[ops.log.warn("x")]]})
+    assert.are.equal("warn", require("cjson").decode(r.stderr).level)
+  end)
+
+  it("drops lines below the level", function()
+    local r = run([[ops.log.debug("hidden"); ops.log.info("shown")]])
+    assert.is_nil(r.stderr:find("hidden", 1, true))
+    r = h.run_opsrun({"--log-level", "debug", "-e", [[ops.log.debug("now shown")]]})
+    assert.matches("now shown", r.stderr)
+  end)
+
+  it("redacts registered secrets from messages and fields, in both formats", function()
+    for _, fmt in ipairs({"text", "json"}) do
+      local r = run([[
+        local token = ops.secret("s3cr3t-t0ken")
+        ops.log.info("calling with " .. token, {auth = "Bearer " .. token})
+        ops.log.error("failed: %s", "s3cr3t-t0ken!")
+      ]], {OPSRUN_LOG_FORMAT = fmt})
+      assert.is_nil(r.stderr:find("s3cr3t", 1, true), fmt)
+      assert.matches("calling with %*%*%*", r.stderr)
+      assert.matches("failed: %*%*%*!", r.stderr)
+    end
+  end)
+
+  it("redacts a secret that contains another one completely", function()
+    local log = require "ops.log"
+    log.secret("abcdef")
+    log.secret("xxabcdefxx")
+    assert.are.equal("[***] [***]", log.redact("[xxabcdefxx] [abcdef]"))
+  end)
+
+  it("redacts masks given as Lua patterns", function()
+    local log = require "ops.log"
+    log.add_mask("AKIA%u+")
+    assert.are.equal("key=*** ok", log.redact("key=AKIAABCDEFGH ok"))
+    assert.has_error(function() log.add_mask("[unclosed") end)
+  end)
+end)

@@ -1,0 +1,220 @@
+-- ops.proc: programs run without a shell, many at once, and always reaped.
+local h = require "helpers"
+
+describe("ops.proc.run", function()
+  it("captures stdout, stderr and the exit code", function()
+    local r = ops.proc.run({"sh", "-c", "echo out; echo err >&2; exit 3"})
+    assert.are.equal("out\n", r.stdout)
+    assert.are.equal("err\n", r.stderr)
+    assert.are.equal(3, r.code)
+    assert.is_false(r.ok)
+    assert.is_false(r.timed_out)
+    assert.is_nil(r.signal)
+    assert.is_number(r.duration)
+  end)
+
+  it("passes arguments as they are, with no shell in between", function()
+    local r = ops.proc.run({"printf", "%s|", "a b", "$HOME", "`id`", "; rm -rf /"})
+    assert.are.equal("a b|$HOME|`id`|; rm -rf /|", r.stdout)
+  end)
+
+  it("says which program is missing", function()
+    local r, err, code = ops.proc.run({"no-such-program-xyz", "arg"})
+    assert.is_nil(r)
+    assert.are.equal("no-such-program-xyz: command not found", err)
+    assert.are.equal("ENOENT", code)
+  end)
+
+  it("refuses a file that is not executable", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/script.sh", "#!/bin/sh\necho hi\n", "0644")
+    local r, err, code = ops.proc.run({dir .. "/script.sh"})
+    assert.is_nil(r)
+    assert.matches("permission denied", err)
+    assert.are.equal("EACCES", code)
+    h.rmtree(dir)
+  end)
+
+  it("refuses a working directory that does not exist", function()
+    local r, err, code = ops.proc.run({"true"}, {cwd = "/no/such/dir"})
+    assert.is_nil(r)
+    assert.matches("/no/such/dir", err)
+    assert.are.equal("ENOENT", code)
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() ops.proc.run({}) end)
+    assert.has_error(function() ops.proc.run({"echo", {}}) end)
+    assert.has_error(function() ops.proc.run({"echo"}, {stdout = "bogus"}) end)
+    assert.has_error(function() ops.proc.run({"echo"}, {env = "x"}) end)
+  end)
+
+  it("runs in the given directory", function()
+    local r = ops.proc.run({"pwd"}, {cwd = "/tmp"})
+    assert.are.equal("/tmp\n", r.stdout)
+  end)
+
+  it("extends the environment, unsets with false, and replaces on request", function()
+    ops.sys.setenv("OPSRUN_SPEC_KEEP", "kept")
+    ops.sys.setenv("OPSRUN_SPEC_DROP", "dropped")
+    local r = ops.proc.run({"sh", "-c", "echo $OPSRUN_SPEC_KEEP,$OPSRUN_SPEC_NEW,${OPSRUN_SPEC_DROP-unset}"},
+      {env = {OPSRUN_SPEC_NEW = "new", OPSRUN_SPEC_DROP = false}})
+    assert.are.equal("kept,new,unset\n", r.stdout)
+    r = ops.proc.run({"/usr/bin/env"}, {env = {ONLY = "1"}, env_replace = true})
+    assert.are.equal("ONLY=1\n", r.stdout)
+  end)
+
+  it("feeds stdin from a string or a file", function()
+    local r = ops.proc.run({"cat"}, {stdin = "line1\nline2"})
+    assert.are.equal("line1\nline2", r.stdout)
+    local dir = h.tmpdir()
+    h.write(dir .. "/in", "from file\n")
+    r = ops.proc.run({"cat"}, {stdin = {path = dir .. "/in"}})
+    assert.are.equal("from file\n", r.stdout)
+    r = ops.proc.run({"cat"}) -- no stdin: /dev/null, so cat ends at once
+    assert.are.equal("", r.stdout)
+    h.rmtree(dir)
+  end)
+
+  it("writes a big stdin without deadlocking against a big stdout", function()
+    local big = string.rep("0123456789abcdef", 64 * 1024) -- 1 MiB
+    local r = ops.proc.run({"cat"}, {stdin = big, capture_limit = 2 * #big})
+    assert.are.equal(#big, #r.stdout)
+  end)
+
+  it("sends output to a file, or merges stderr into stdout", function()
+    local dir = h.tmpdir()
+    local r = ops.proc.run({"sh", "-c", "echo one; echo two >&2"}, {stdout = {path = dir .. "/out"}, stderr = "ignore"})
+    assert.is_true(r.ok)
+    assert.is_nil(r.stdout)
+    assert.are.equal("one\n", h.read(dir .. "/out"))
+    ops.proc.run({"echo", "three"}, {stdout = {path = dir .. "/out", append = true}})
+    assert.are.equal("one\nthree\n", h.read(dir .. "/out"))
+    r = ops.proc.run({"sh", "-c", "echo a; sleep 0.01; echo b >&2; sleep 0.01; echo c"}, {stderr = "stdout"})
+    assert.are.equal("a\nb\nc\n", r.stdout)
+    assert.is_nil(r.stderr)
+    h.rmtree(dir)
+  end)
+
+  it("keeps only the tail of output over the capture limit and says so", function()
+    local r = ops.proc.run({"seq", "1", "100000"}, {capture_limit = 100})
+    assert.are.equal(100, #r.stdout)
+    assert.is_true(r.stdout_truncated)
+    assert.matches("99999\n100000\n$", r.stdout)
+  end)
+
+  it("streams lines to a callback as they are produced, in order", function()
+    local lines = {}
+    local r = ops.proc.run({"sh", "-c", "printf 'a\\nb\\r\\n'; echo err >&2; printf 'no-newline'"}, {
+      stdout = function(line, stream) lines[#lines + 1] = stream .. ":" .. line end,
+      stderr = function(line, stream) lines[#lines + 1] = stream .. ":" .. line end,
+    })
+    assert.is_true(r.ok)
+    table.sort(lines)
+    assert.are.same({"stderr:err", "stdout:a", "stdout:b", "stdout:no-newline"}, lines)
+  end)
+
+  it("delivers a line before the program ends", function()
+    -- the child waits for a file the callback creates: it only ends if the line came early
+    local dir = h.tmpdir()
+    local r = ops.proc.run({"sh", "-c", "echo ready; while [ ! -e " .. dir .. "/go ]; do sleep 0.01; done; echo done"}, {
+      timeout = 20,
+      stdout = function(line) if line == "ready" then h.write(dir .. "/go", "") end end,
+    })
+    assert.is_false(r.timed_out)
+    assert.is_true(r.ok)
+    h.rmtree(dir)
+  end)
+
+  it("raises the error of a failing line callback and stops the program", function()
+    local ok, err = pcall(ops.proc.run, {"sh", "-c", "echo x; exec sleep 60"}, {
+      stdout = function() error("callback broke") end,
+    })
+    assert.is_false(ok)
+    assert.matches("callback broke", err)
+  end)
+end)
+
+describe("processes run at once", function()
+  it("lets two programs talk through a FIFO, which only works if both run together", function()
+    local dir = h.tmpdir()
+    local fifo = dir .. "/fifo"
+    assert(ops.proc.run({"mkfifo", fifo}).ok)
+    local writer = ops.spawn(ops.proc.run, {"sh", "-c", "echo ping > " .. fifo}, {timeout = 20})
+    local reader = ops.spawn(ops.proc.run, {"cat", fifo}, {timeout = 20})
+    local _, w = writer:wait()
+    local _, r = reader:wait()
+    assert.is_false(w.timed_out)
+    assert.is_false(r.timed_out)
+    assert.are.equal("ping\n", r.stdout)
+    h.rmtree(dir)
+  end)
+
+  it("reaps 64 concurrent children", function()
+    local tasks = {}
+    for i = 1, 64 do
+      tasks[i] = ops.spawn(ops.proc.run, {"sh", "-c", "sleep 0.05; exit " .. (i % 7)})
+    end
+    local all_ok, outs = ops.wait_all(tasks)
+    assert.is_true(all_ok)
+    for i = 1, 64 do assert.are.equal(i % 7, outs[i][1].code) end
+    assert.are.same({}, h.children())
+  end)
+end)
+
+describe("timeouts", function()
+  it("stops a slow program and says it timed out", function()
+    local r = ops.proc.run({"sleep", "60"}, {timeout = 0.1})
+    assert.is_true(r.timed_out)
+    assert.are.equal("SIGTERM", r.signal)
+    assert.is_false(r.ok)
+  end)
+
+  it("kills a program that ignores SIGTERM after the grace period", function()
+    local r = ops.proc.run({"sh", "-c", "trap '' TERM; echo started; while :; do sleep 0.05; done"},
+      {timeout = 0.2, grace = 0.2})
+    assert.is_true(r.timed_out)
+    assert.are.equal("SIGKILL", r.signal)
+    assert.are.equal("started\n", r.stdout)
+  end)
+
+  it("returns although a grandchild that ignores SIGTERM holds stdout open", function()
+    local dir = h.tmpdir()
+    local r = ops.proc.run({"sh", "-c",
+      "(trap '' TERM; echo $$ > " .. dir .. "/gc; exec sleep 300) & trap '' TERM; sleep 300"},
+      {timeout = 0.2, grace = 0.2, drain = 0.5})
+    assert.is_true(r.timed_out)
+    local gc
+    for _ = 1, 100 do
+      gc = tonumber(h.read(dir .. "/gc") or "")
+      if gc then break end
+      ops.sleep(0.01)
+    end
+    for _ = 1, 200 do
+      if not h.alive(gc) then break end
+      ops.sleep(0.01)
+    end
+    assert.is_false(h.alive(gc))
+    h.rmtree(dir)
+  end)
+
+  it("returns when the child exits but a backgrounded grandchild keeps the pipe", function()
+    local r = ops.proc.run({"sh", "-c", "sh -c 'trap \"\" TERM; sleep 300' & echo bye"},
+      {timeout = 0.3, grace = 0.2, drain = 0.5})
+    assert.are.equal("bye\n", r.stdout)
+    assert.are.equal(0, r.code)
+    assert.is_true(r.timed_out)
+  end)
+end)
+
+describe("proc.spawn", function()
+  it("gives a handle to wait for and kill", function()
+    local p = assert(ops.proc.spawn({"sleep", "60"}))
+    assert.is_number(p.pid)
+    assert.is_true(h.alive(p.pid))
+    assert.is_true(p:kill("SIGKILL"))
+    local r = p:wait()
+    assert.are.equal("SIGKILL", r.signal)
+    assert.are.same(r.signal, p:wait().signal) -- the result stays available
+  end)
+end)

@@ -1,0 +1,715 @@
+-- Specification of ops.store: the SQLite connection API, transactions,
+-- migrations and the durable queue.
+
+local store = require("ops.store")
+
+local function tmpdir()
+  local p = os.tmpname()
+  os.remove(p)
+  assert(os.execute("mkdir -p '" .. p .. "'"))
+  return p
+end
+
+local function rmdir(p)
+  os.execute("rm -rf '" .. p .. "'")
+end
+
+-- A stand-in for ops.core.sched: tasks are coroutines (their own task token), run in FIFO order.
+local function fake_scheduler()
+  local runq, sched = {}, {}
+  function sched.current() return coroutine.running() end
+  function sched.suspend() coroutine.yield() end
+  function sched.wake(co)
+    runq[#runq + 1] = co
+    return true
+  end
+  function sched.spawn(fn)
+    local co = coroutine.create(fn)
+    runq[#runq + 1] = co
+    return co
+  end
+  function sched.pause() -- stands in for waiting on I/O
+    runq[#runq + 1] = coroutine.running()
+    coroutine.yield()
+  end
+  function sched.run()
+    while #runq > 0 do
+      local co = table.remove(runq, 1)
+      local ok, err = coroutine.resume(co)
+      if not ok then error(err, 0) end
+    end
+  end
+  return sched
+end
+
+describe("ops.store", function()
+  local dir, db
+
+  before_each(function()
+    dir = tmpdir()
+    db = assert(store.open(dir .. "/s.db"))
+  end)
+
+  after_each(function()
+    if db then db:close() end
+    rmdir(dir)
+  end)
+
+  describe("open", function()
+    it("sets WAL, synchronous=FULL, foreign keys and a busy timeout by default", function()
+      assert.equal("wal", db:query("PRAGMA journal_mode")[1].journal_mode)
+      assert.equal(2, db:query("PRAGMA synchronous")[1].synchronous)
+      assert.equal(1, db:query("PRAGMA foreign_keys")[1].foreign_keys)
+      assert.equal(5000, db:query("PRAGMA busy_timeout")[1].timeout)
+    end)
+
+    it("accepts synchronous = 'normal' and a busy_timeout in ms", function()
+      local d2 = assert(store.open(dir .. "/n.db", { synchronous = "normal", busy_timeout = 250 }))
+      assert.equal(1, d2:query("PRAGMA synchronous")[1].synchronous)
+      assert.equal(250, d2:query("PRAGMA busy_timeout")[1].timeout)
+      d2:close()
+    end)
+
+    it("rejects an unknown synchronous mode as misuse", function()
+      assert.has_error(function() store.open(dir .. "/x.db", { synchronous = "off" }) end)
+    end)
+
+    it("reports a file that is not a database as SQLITE_NOTADB, naming the file", function()
+      local path = dir .. "/junk.db"
+      local f = assert(io.open(path, "wb"))
+      f:write(string.rep("this is not sqlite\n", 500))
+      f:close()
+      local d, err, code = store.open(path)
+      assert.is_nil(d)
+      assert.equal("SQLITE_NOTADB", code)
+      assert.truthy(err:find("SQLITE_NOTADB: ", 1, true))
+      assert.truthy(err:find(path, 1, true))
+    end)
+
+    it("reports an unreachable path as SQLITE_CANTOPEN", function()
+      local d, err, code = store.open(dir .. "/no/such/dir/x.db")
+      assert.is_nil(d)
+      assert.equal("SQLITE_CANTOPEN", code)
+      assert.truthy(err:find("no/such/dir", 1, true))
+    end)
+
+    it("closes idempotently and says so in tostring", function()
+      assert.truthy(tostring(db):find("s.db", 1, true))
+      assert.is_true(db:close())
+      assert.is_true(db:close())
+      assert.equal("ops.store.db (closed)", tostring(db))
+      assert.has_error(function() db:query("SELECT 1") end, "ops.store: database is closed")
+      db = nil
+    end)
+
+    it("closes at the end of a <close> scope", function()
+      local d2
+      do
+        local d <close> = assert(store.open(dir .. "/c.db"))
+        d2 = d
+      end
+      assert.equal("ops.store.db (closed)", tostring(d2))
+    end)
+  end)
+
+  describe("exec and query", function()
+    before_each(function()
+      assert(db:exec("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE, score REAL, n INTEGER, b BLOB)"))
+    end)
+
+    it("returns the number of changed rows and the last inserted rowid", function()
+      local changes, rowid = db:exec("INSERT INTO t (name) VALUES (?)", "a")
+      assert.same({ 1, 1 }, { changes, rowid })
+      changes = db:exec("UPDATE t SET n = 1 WHERE name = ?", "nobody")
+      assert.equal(0, changes)
+      assert.equal(0, (db:exec("SELECT 1")))
+    end)
+
+    it("keeps a value containing quotes and '; DROP TABLE' as data", function()
+      local evil = "x'); DROP TABLE t; --\"'"
+      assert(db:exec("INSERT INTO t (name) VALUES (?)", evil))
+      local rows = db:query("SELECT name FROM t WHERE name = ?", evil)
+      assert.equal(evil, rows[1].name)
+      assert.equal(1, db:query("SELECT count(*) AS c FROM sqlite_master WHERE name = 't'")[1].c)
+    end)
+
+    it("binds nil as NULL, booleans as 0/1, integers, floats and strings", function()
+      assert(db:exec("INSERT INTO t (name, score, n, b) VALUES (?, ?, ?, ?)", "x", 1.5, 42, nil))
+      assert(db:exec("INSERT INTO t (name, n) VALUES (?, ?)", "y", true))
+      local r = db:query("SELECT * FROM t ORDER BY id")
+      assert.equal(1.5, r[1].score)
+      assert.equal("float", math.type(r[1].score))
+      assert.equal(42, r[1].n)
+      assert.equal("integer", math.type(r[1].n))
+      assert.is_nil(r[1].b)
+      assert.equal(1, r[2].n)
+    end)
+
+    it("keeps strings with NUL bytes intact", function()
+      local bin = "a\0b\255\0"
+      assert(db:exec("INSERT INTO t (name) VALUES (?)", bin))
+      assert.equal(bin, db:query("SELECT name FROM t")[1].name)
+    end)
+
+    it("binds :name parameters from a single table argument", function()
+      assert(db:exec("INSERT INTO t (name, n) VALUES (:name, :n)", { name = "z", n = 7 }))
+      assert.equal(7, db:query("SELECT n FROM t WHERE name = :name", { name = "z" })[1].n)
+    end)
+
+    it("raises on a wrong number of parameters or an unbindable value", function()
+      assert.has_error(function() db:exec("INSERT INTO t (name) VALUES (?)") end)
+      assert.has_error(function() db:exec("INSERT INTO t (name) VALUES (?)", "a", "b") end)
+      assert.has_error(function() db:exec("INSERT INTO t (name) VALUES (?)", function() end) end)
+      assert.has_error(function() db:exec("INSERT INTO t (name) VALUES (?)", { "a" }) end)
+    end)
+
+    it("refuses several statements outside exec_script", function()
+      assert.has_error(function() db:exec("SELECT 1; DROP TABLE t") end)
+      assert.equal(1, db:query("SELECT count(*) AS c FROM sqlite_master WHERE name = 't'")[1].c)
+    end)
+
+    it("returns nil, 'SQLITE_CONSTRAINT: ...', 'SQLITE_CONSTRAINT' on a unique violation", function()
+      assert(db:exec("INSERT INTO t (name) VALUES (?)", "dup"))
+      local ok, err, code = db:exec("INSERT INTO t (name) VALUES (?)", "dup")
+      assert.is_nil(ok)
+      assert.equal("SQLITE_CONSTRAINT", code)
+      assert.equal("SQLITE_CONSTRAINT: UNIQUE constraint failed: t.name", err)
+    end)
+
+    it("returns SQLITE_ERROR for a syntax error", function()
+      local ok, err, code = db:query("SELEC nothing")
+      assert.is_nil(ok)
+      assert.equal("SQLITE_ERROR", code)
+      assert.truthy(err:find("syntax error", 1, true))
+    end)
+
+    it("leaves no statement running after an error (the table can be dropped)", function()
+      assert(db:exec("INSERT INTO t (name) VALUES (?)", "dup"))
+      assert.is_nil(db:exec("INSERT INTO t (name) VALUES (?)", "dup"))
+      assert(db:exec("DROP TABLE t"))
+    end)
+
+    it("runs several statements with exec_script", function()
+      assert.is_true(db:exec_script("INSERT INTO t (name) VALUES ('a'); INSERT INTO t (name) VALUES ('b');"))
+      assert.equal(2, db:query("SELECT count(*) AS c FROM t")[1].c)
+      local ok, _, code = db:exec_script("INSERT INTO t (name) VALUES ('c'); INSERT INTO t (name) VALUES ('a');")
+      assert.is_nil(ok)
+      assert.equal("SQLITE_CONSTRAINT", code)
+    end)
+
+    it("reuses cached statements across calls and past the cache size", function()
+      for i = 1, 200 do
+        assert(db:exec("INSERT INTO t (name, n) VALUES (?, " .. (i % 100) .. ")", "n" .. i))
+      end
+      for i = 1, 200 do
+        assert.equal("n" .. i, db:query("SELECT name FROM t WHERE name = ?", "n" .. i)[1].name)
+      end
+    end)
+  end)
+
+  describe("rows", function()
+    before_each(function()
+      assert(db:exec("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+      for i = 1, 5 do assert(db:exec("INSERT INTO t (v) VALUES (?)", "v" .. i)) end
+    end)
+
+    it("iterates rows in order", function()
+      local seen = {}
+      for row in db:rows("SELECT id, v FROM t WHERE id > ? ORDER BY id", 2) do seen[#seen + 1] = row.v end
+      assert.same({ "v3", "v4", "v5" }, seen)
+    end)
+
+    it("finishes the statement when a loop breaks early", function()
+      for _ in db:rows("SELECT * FROM t") do break end
+      assert(db:exec("DROP TABLE t"))
+    end)
+
+    it("finishes the statement when the loop body raises", function()
+      assert.has_error(function()
+        for _ in db:rows("SELECT * FROM t") do error("boom") end
+      end)
+      assert(db:exec("DROP TABLE t"))
+    end)
+
+    it("allows the same query to be iterated twice at once", function()
+      local pairs_seen = 0
+      for _ in db:rows("SELECT * FROM t") do
+        for _ in db:rows("SELECT * FROM t") do pairs_seen = pairs_seen + 1 end
+      end
+      assert.equal(25, pairs_seen)
+    end)
+
+    it("returns nil, err, code for bad SQL", function()
+      local it_, err, code = db:rows("SELECT * FROM missing")
+      assert.is_nil(it_)
+      assert.equal("SQLITE_ERROR", code)
+      assert.truthy(err:find("no such table", 1, true))
+    end)
+
+    it("raises from the iterator if the database is closed mid-iteration", function()
+      local next_row = db:rows("SELECT * FROM t")
+      assert.truthy(next_row())
+      db:close()
+      assert.has_error(function() next_row() end, "ops.store: database closed while iterating rows")
+      db = nil
+    end)
+  end)
+
+  describe("transaction", function()
+    before_each(function()
+      assert(db:exec("CREATE TABLE t (v TEXT)"))
+    end)
+
+    local function count() return db:query("SELECT count(*) AS c FROM t")[1].c end
+
+    it("commits when fn returns, and returns fn's results", function()
+      local a, b = db:transaction(function(d)
+        assert.is_true(d:in_transaction())
+        assert(d:exec("INSERT INTO t VALUES ('a')"))
+        return 1, 2
+      end)
+      assert.same({ 1, 2 }, { a, b })
+      assert.is_false(db:in_transaction())
+      assert.equal(1, count())
+    end)
+
+    it("rolls back and re-raises the same error when fn raises", function()
+      local e = {}
+      local ok, err = pcall(db.transaction, db, function(d)
+        assert(d:exec("INSERT INTO t VALUES ('a')"))
+        error(e)
+      end)
+      assert.is_false(ok)
+      assert.equal(e, err)
+      assert.equal(0, count())
+      assert.is_false(db:in_transaction())
+    end)
+
+    it("nests with savepoints: an inner failure undoes only the inner work", function()
+      db:transaction(function(d)
+        assert(d:exec("INSERT INTO t VALUES ('outer')"))
+        assert.is_false(pcall(d.transaction, d, function(d2)
+          assert(d2:exec("INSERT INTO t VALUES ('inner')"))
+          error("inner fails")
+        end))
+        d:transaction(function(d2) assert(d2:exec("INSERT INTO t VALUES ('inner ok')")) end)
+      end)
+      local vs = {}
+      for _, r in ipairs(db:query("SELECT v FROM t ORDER BY rowid")) do vs[#vs + 1] = r.v end
+      assert.same({ "outer", "inner ok" }, vs)
+    end)
+
+    it("an outer failure undoes committed inner levels too", function()
+      pcall(db.transaction, db, function(d)
+        d:transaction(function(d2) assert(d2:exec("INSERT INTO t VALUES ('inner')")) end)
+        error("outer fails")
+      end)
+      assert.equal(0, count())
+    end)
+
+    it("is usable again after a failure (the lock was released)", function()
+      pcall(db.transaction, db, function() error("x") end)
+      db:transaction(function(d) assert(d:exec("INSERT INTO t VALUES ('a')")) end)
+      assert.equal(1, count())
+    end)
+
+    describe("with tasks that yield inside", function()
+      local sched
+
+      before_each(function()
+        sched = fake_scheduler()
+        package.loaded["ops.core.sched"] = sched
+      end)
+
+      after_each(function()
+        package.loaded["ops.core.sched"] = nil
+      end)
+
+      it("keeps another task's statements out of an open transaction", function()
+        local order = {}
+        sched.spawn(function()
+          pcall(db.transaction, db, function(d)
+            assert(d:exec("INSERT INTO t VALUES ('a')"))
+            order[#order + 1] = "a inserted"
+            sched.pause()
+            order[#order + 1] = "a fails"
+            error("a fails")
+          end)
+        end)
+        sched.spawn(function()
+          assert(db:exec("INSERT INTO t VALUES ('b')"))
+          order[#order + 1] = "b inserted"
+        end)
+        sched.run()
+        assert.same({ "a inserted", "a fails", "b inserted" }, order)
+        assert.same({ { v = "b" } }, db:query("SELECT v FROM t"))
+      end)
+
+      it("serialises transactions of different tasks in FIFO order", function()
+        local order = {}
+        for i = 1, 3 do
+          sched.spawn(function()
+            db:transaction(function(d)
+              order[#order + 1] = "begin " .. i
+              sched.pause()
+              assert(d:exec("INSERT INTO t VALUES (?)", "t" .. i))
+              order[#order + 1] = "end " .. i
+            end)
+          end)
+        end
+        sched.run()
+        assert.same({ "begin 1", "end 1", "begin 2", "end 2", "begin 3", "end 3" }, order)
+        assert.equal(3, count())
+      end)
+
+      it("drops a task cancelled while waiting for the lock from the line", function()
+        local order = {}
+        sched.spawn(function()
+          db:transaction(function(d)
+            sched.pause()
+            assert(d:exec("INSERT INTO t VALUES ('a')"))
+          end)
+          order[#order + 1] = "a committed"
+        end)
+        local b = sched.spawn(function()
+          db:transaction(function() order[#order + 1] = "b ran" end)
+        end)
+        sched.spawn(function()
+          assert(coroutine.close(b)) -- b is suspended in lock(); cancel it there
+          db:transaction(function(d) assert(d:exec("INSERT INTO t VALUES ('c')")) end)
+          order[#order + 1] = "c committed"
+        end)
+        sched.run()
+        assert.same({ "a committed", "c committed" }, order)
+        assert.equal(2, count())
+      end)
+
+      it("rolls back and releases the lock when a task is cancelled mid-transaction", function()
+        local co = coroutine.create(function()
+          db:transaction(function(d)
+            assert(d:exec("INSERT INTO t VALUES ('a')"))
+            coroutine.yield()
+          end)
+        end)
+        assert(coroutine.resume(co))
+        assert(coroutine.close(co))
+        assert.is_false(db:in_transaction())
+        assert.equal(0, count())
+        db:transaction(function(d) assert(d:exec("INSERT INTO t VALUES ('b')")) end)
+        assert.equal(1, count())
+      end)
+    end)
+  end)
+
+  describe("migrate", function()
+    local migrations = {
+      "CREATE TABLE a (x INTEGER)",
+      "CREATE TABLE b (y INTEGER); INSERT INTO b VALUES (1);",
+    }
+
+    it("applies migrations in order and records the version in user_version", function()
+      local applied, version = db:migrate(migrations)
+      assert.same({ 2, 2 }, { applied, version })
+      assert.equal(2, db:query("PRAGMA user_version")[1].user_version)
+      assert.equal(1, db:query("SELECT y FROM b")[1].y)
+    end)
+
+    it("applies nothing when re-run, and only new ones when extended", function()
+      db:migrate(migrations)
+      assert.same({ 0, 2 }, { db:migrate(migrations) })
+      local more = { migrations[1], migrations[2], "INSERT INTO b VALUES (2)" }
+      assert.same({ 1, 3 }, { db:migrate(more) })
+      assert.equal(2, #db:query("SELECT y FROM b"))
+    end)
+
+    it("rolls back a failing migration and keeps the earlier ones", function()
+      local ok, err, code = db:migrate({ "CREATE TABLE a (x)", "CREATE TABLE c (z); CREATE TABLE a (x)" })
+      assert.is_nil(ok)
+      assert.equal("SQLITE_ERROR", code)
+      assert.truthy(err:find("migration 2 failed", 1, true))
+      assert.equal(1, db:query("PRAGMA user_version")[1].user_version)
+      assert.is_nil(db:query("SELECT name FROM sqlite_master WHERE name = 'c'")[1])
+    end)
+
+    it("refuses a database newer than the migrations it is given", function()
+      db:migrate(migrations)
+      local ok, _, code = db:migrate({ migrations[1] })
+      assert.is_nil(ok)
+      assert.equal("ESCHEMA", code)
+    end)
+
+    it("tracks a named component separately from user_version", function()
+      assert.same({ 1, 1 }, { db:migrate({ "CREATE TABLE q (x)" }, { component = "lib" }) })
+      assert.equal(0, db:query("PRAGMA user_version")[1].user_version)
+      assert.same({ 2, 2 }, { db:migrate(migrations) })
+      assert.same({ 0, 1 }, { db:migrate({ "CREATE TABLE q (x)" }, { component = "lib" }) })
+    end)
+
+    it("runs function migrations with the db", function()
+      db:migrate({ "CREATE TABLE a (x)", function(d) assert(d:exec("INSERT INTO a VALUES (?)", 5)) end })
+      assert.equal(5, db:query("SELECT x FROM a")[1].x)
+    end)
+  end)
+
+  describe("queue", function()
+    local now, q
+
+    before_each(function()
+      now = 1000.0
+      q = assert(db:queue("deploys", { now = function() return now end, backoff = 10, max_attempts = 3 }))
+    end)
+
+    it("enqueues and reports a duplicate idempotency key with the existing id", function()
+      local id1, s1 = q:enqueue("push", "{}", { key = "delivery-1" })
+      local id2, s2 = q:enqueue("push", "{\"other\":1}", { key = "delivery-1" })
+      assert.equal("queued", s1)
+      assert.same({ id1, "duplicate" }, { id2, s2 })
+      assert.equal("{}", q:get(id1).payload)
+      assert.equal(1, q:stats().ready)
+    end)
+
+    it("scopes keys per queue", function()
+      local other = assert(db:queue("other"))
+      local a = q:enqueue("k", "p", { key = "same" })
+      local b, state = other:enqueue("k", "p", { key = "same" })
+      assert.equal("queued", state)
+      assert.are_not.equal(a, b)
+    end)
+
+    it("requires string kind and payload", function()
+      assert.has_error(function() q:enqueue("k", { a = 1 }) end)
+      assert.has_error(function() q:enqueue(nil, "p") end)
+    end)
+
+    it("claims the oldest ready item first and honours delay", function()
+      local late = q:enqueue("k", "late", { delay = 5 })
+      local first = q:enqueue("k", "first")
+      local second = q:enqueue("k", "second")
+      assert.equal(first, q:claim("w", 30).id)
+      assert.equal(second, q:claim("w", 30).id)
+      assert.is_nil(q:claim("w", 30))
+      now = now + 5
+      local item = q:claim("w", 30)
+      assert.equal(late, item.id)
+      assert.same({ "k", "late", 1, 1035.0 }, { item.kind, item.payload, item.attempts, item.lease_until })
+    end)
+
+    it("claims only the given kinds", function()
+      q:enqueue("a", "1")
+      local b = q:enqueue("b", "2")
+      assert.equal(b, q:claim("w", 30, { "b", "c" }).id)
+      assert.is_nil(q:claim("w", 30, { "b" }))
+    end)
+
+    it("returns the key with the item", function()
+      q:enqueue("k", "p", { key = "abc" })
+      assert.equal("abc", q:claim("w", 30).key)
+    end)
+
+    it("re-claims an expired lease exactly once, and the old holder can no longer complete", function()
+      local id = q:enqueue("k", "p")
+      assert.equal(id, q:claim("w1", 10).id)
+      now = now + 9
+      assert.is_nil(q:claim("w2", 10))
+      now = now + 2
+      local again = q:claim("w2", 10)
+      assert.equal(id, again.id)
+      assert.equal(2, again.attempts)
+      assert.is_nil(q:claim("w3", 10))
+      assert.same({ false, "lease lost" }, { q:complete(id, "w1") })
+      assert.is_true(q:complete(id, "w2"))
+      assert.equal("done", q:get(id).state)
+    end)
+
+    it("refuses complete, extend and fail from a worker that does not hold the lease", function()
+      local id = q:enqueue("k", "p")
+      q:claim("w1", 10)
+      assert.same({ false, "lease lost" }, { q:complete(id, "w2") })
+      assert.same({ false, "lease lost" }, { q:extend(id, "w2", 10) })
+      assert.same({ false, "lease lost" }, { q:fail(id, "w2", "x") })
+      assert.equal("leased", q:get(id).state)
+    end)
+
+    it("extends a lease so it is not re-claimed", function()
+      local id = q:enqueue("k", "p")
+      q:claim("w1", 10)
+      now = now + 8
+      assert.equal(now + 10, q:extend(id, "w1", 10))
+      now = now + 8
+      assert.is_nil(q:claim("w2", 10))
+      assert.is_true(q:complete(id, "w1"))
+    end)
+
+    it("requeues a failure with exponential backoff, then dead-letters after max attempts", function()
+      local id = q:enqueue("k", "p")
+      q:claim("w", 60)
+      assert.same({ "ready", now + 10 }, { q:fail(id, "w", "first") })
+      assert.is_nil(q:claim("w", 60))
+      now = now + 10
+      assert.equal(2, q:claim("w", 60).attempts)
+      assert.same({ "ready", now + 20 }, { q:fail(id, "w", "second") })
+      now = now + 20
+      assert.equal(3, q:claim("w", 60).attempts)
+      assert.same({ "dead" }, { q:fail(id, "w", "third") })
+      local item = q:get(id)
+      assert.same({ "dead", "third", 3 }, { item.state, item.last_error, item.attempts })
+      now = now + 1e6
+      assert.is_nil(q:claim("w", 60))
+      assert.same({ ready = 0, leased = 0, done = 0, dead = 1 }, q:stats())
+    end)
+
+    it("lets fail options override the queue's max_attempts and backoff", function()
+      local id = q:enqueue("k", "p")
+      q:claim("w", 60)
+      assert.same({ "ready", now + 0.5 }, { q:fail(id, "w", "x", { backoff = 0.5, max_attempts = 2 }) })
+      now = now + 1
+      q:claim("w", 60)
+      assert.equal("dead", q:fail(id, "w", "x", { max_attempts = 2 }))
+    end)
+
+    it("dead-letters an item whose last allowed lease expired", function()
+      local id = q:enqueue("k", "p")
+      for _ = 1, 3 do
+        assert.equal(id, q:claim("w", 10).id)
+        now = now + 11
+      end
+      assert.is_nil(q:claim("w", 10))
+      assert.equal("dead", q:get(id).state)
+    end)
+
+    it("counts items by state", function()
+      local a = q:enqueue("k", "1")
+      q:enqueue("k", "2")
+      q:enqueue("k", "3")
+      q:claim("w", 10)
+      q:complete(a, "w")
+      q:claim("w", 10)
+      assert.same({ ready = 1, leased = 1, done = 1, dead = 0 }, q:stats())
+    end)
+
+    it("purges done items older than the given age", function()
+      local a = q:enqueue("k", "1", { key = "x" })
+      q:claim("w", 10)
+      q:complete(a, "w")
+      assert.equal(0, q:purge(60))
+      now = now + 61
+      assert.equal(1, q:purge(60))
+      assert.is_nil(q:get(a))
+      assert.equal("queued", select(2, q:enqueue("k", "1", { key = "x" })))
+    end)
+
+    it("enqueues atomically with the caller's transaction", function()
+      assert(db:exec("CREATE TABLE runs (id INTEGER)"))
+      pcall(db.transaction, db, function(d)
+        assert(d:exec("INSERT INTO runs VALUES (1)"))
+        q:enqueue("k", "p")
+        error("abort")
+      end)
+      assert.same({ ready = 0, leased = 0, done = 0, dead = 0 }, q:stats())
+    end)
+
+    it("survives reopening the database", function()
+      local path = dir .. "/s.db"
+      local id = q:enqueue("k", "p", { key = "persist" })
+      db:close()
+      db = assert(store.open(path))
+      local q2 = assert(db:queue("deploys"))
+      assert.same({ id, "duplicate" }, { q2:enqueue("k", "p", { key = "persist" }) })
+    end)
+  end)
+
+  describe("crash safety", function()
+    local child_src = [[
+      local store = require("ops.store")
+      local db = assert(store.open(arg[1]))
+      local q = assert(db:queue("crash"))
+      for i = 1, 1000000 do
+        local id = assert(q:enqueue("k", "payload " .. i, { key = "k" .. i }))
+        io.stdout:write(id, "\n")
+        io.stdout:flush()
+      end
+    ]]
+
+    it("keeps every acknowledged enqueue after the writer is killed with SIGKILL", function()
+      local script = dir .. "/child.lua"
+      local f = assert(io.open(script, "w"))
+      f:write(child_src)
+      f:close()
+      local path, out = dir .. "/crash.db", dir .. "/acked.txt"
+      local lua = os.getenv("OPSRUN") or "lua5.4"
+      local cmd = string.format(
+        "LUA_PATH=%q LUA_CPATH=%q %s %q %q > %q 2>%q & pid=$!; "
+          .. "i=0; while [ $i -lt 100 ] && [ \"$(cat %q 2>/dev/null | wc -l)\" -lt 50 ]; do sleep 0.05; i=$((i+1)); done; "
+          .. "{ kill -9 $pid; wait $pid; } 2>/dev/null",
+        package.path, package.cpath, lua, script, path, out, out .. ".err", out)
+      os.execute(cmd)
+      local acked = {}
+      local text = assert(io.open(out)):read("a")
+      for line in text:gmatch("(%d+)\n") do acked[#acked + 1] = tonumber(line) end
+      local errtext = assert(io.open(out .. ".err")):read("a")
+      assert.equal("", errtext)
+      assert.is_true(#acked >= 50, "child acknowledged only " .. #acked .. " items")
+
+      local d = assert(store.open(path))
+      assert.equal("ok", d:query("PRAGMA integrity_check")[1].integrity_check)
+      local q = assert(d:queue("crash"))
+      for _, id in ipairs(acked) do
+        local item = q:get(id)
+        assert.is_table(item, "acknowledged item " .. id .. " is missing")
+      end
+      local total = d:query("SELECT count(*) AS c FROM ops_queue")[1].c
+      assert.is_true(total >= #acked and total <= #acked + 1)
+      d:close()
+    end)
+
+    it("hands each item to exactly one of several worker processes", function()
+      local path = dir .. "/shared.db"
+      local d = assert(store.open(path))
+      local q = assert(d:queue("work"))
+      for i = 1, 300 do assert(q:enqueue("k", tostring(i))) end
+      d:close()
+      local script = dir .. "/worker.lua"
+      local f = assert(io.open(script, "w"))
+      f:write([[
+        local store = require("ops.store")
+        local db = assert(store.open(arg[1]))
+        local q = assert(db:queue("work"))
+        while not io.open(arg[1] .. ".go") do end -- start together
+        while true do
+          local item, err = q:claim(arg[2], 60)
+          assert(item or err == nil, err)
+          if not item then break end
+          -- Work outside the transaction, as real workers do, so claims interleave.
+          local t = os.clock()
+          while os.clock() - t < 0.002 do end
+          assert(q:complete(item.id, arg[2]))
+          io.stdout:write(item.id, "\n")
+        end
+      ]])
+      f:close()
+      local lua = os.getenv("OPSRUN") or "lua5.4"
+      local parts = {}
+      for w = 1, 3 do
+        parts[#parts + 1] = string.format("LUA_PATH=%q LUA_CPATH=%q %s %q %q w%d > %q 2> %q &",
+          package.path, package.cpath, lua, script, path, w, dir .. "/w" .. w .. ".out", dir .. "/w" .. w .. ".out.err")
+      end
+      assert(os.execute(table.concat(parts, " ") .. " sleep 0.2; touch '" .. path .. ".go'; wait"))
+      local seen, count, workers = {}, 0, 0
+      for w = 1, 3 do
+        local err = assert(io.open(dir .. "/w" .. w .. ".out.err")):read("a")
+        assert.equal("", err)
+        local mine = 0
+        for line in io.lines(dir .. "/w" .. w .. ".out") do
+          mine = mine + 1
+          local id = tonumber(line)
+          assert.is_nil(seen[id], "item " .. line .. " was claimed twice")
+          seen[id] = true
+          count = count + 1
+        end
+        if mine > 0 then workers = workers + 1 end
+      end
+      assert.equal(300, count)
+      assert.is_true(workers >= 2, "the workers never contended")
+    end)
+  end)
+end)
