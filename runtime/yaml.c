@@ -27,6 +27,7 @@
 #define DUMPER_MT "ops.core.yaml.dumper"
 #define ARRAY_MT "ops.array"
 #define OBJECT_MT "ops.object"
+#define KEY_ORDER "ops.core.yaml.key_order" /* weak-keyed: mapping -> its keys in order */
 
 #define YAML_TAG_PREFIX "tag:yaml.org,2002:"
 
@@ -413,6 +414,8 @@ static int complete(loader *ld, int kind, int is_merge_key, yaml_mark_t mark) {
   }
   f->has_key = 0;
   if (!f->merge_pending) {
+    lua_pushvalue(L, -2); /* the key, in document order */
+    lua_rawseti(L, f->slot + 2, (lua_Integer)lua_rawlen(L, f->slot + 2) + 1);
     lua_rawset(L, f->slot);
     return 0;
   }
@@ -574,9 +577,13 @@ static int on_collection_start(loader *ld, const yaml_event_t *ev, int is_map) {
   }
   lua_newtable(L);
   lua_pushnil(L);
+  if (is_map)
+    lua_newtable(L); /* its keys in document order, for yaml.keys */
+  else
+    lua_pushnil(L);
   f = &ld->st->frames[ld->depth++];
   f->is_map = is_map;
-  f->slot = lua_gettop(L) - 1;
+  f->slot = lua_gettop(L) - 2;
   f->has_key = f->merge_pending = 0;
   f->all_maps = 1;
   f->n = 0;
@@ -591,6 +598,12 @@ static int on_collection_end(loader *ld) {
   int t = f->slot;
   int kind = f->is_map ? K_MAP : f->all_maps ? K_SEQ_OF_MAPS : K_SEQ;
   if (f->is_map && !lua_isnil(L, t + 1)) apply_merges(L, t);
+  if (f->is_map) {
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, KEY_ORDER);
+    lua_pushvalue(L, t);
+    lua_pushvalue(L, t + 2);
+    lua_rawset(L, -3);
+  }
   lua_settop(L, t);
   if (!f->is_map && f->n == 0) luaL_setmetatable(L, ARRAY_MT); /* keeps [] a sequence on dump */
   if (!lua_isnil(L, t - 1))
@@ -704,6 +717,16 @@ static int push_errno(lua_State *L, int err, const char *path) {
   lua_pushfstring(L, "%s: %s: %s", code, text, path);
   lua_pushstring(L, code);
   return 3;
+}
+
+/* yaml.key_order(map) -> {key, ...} in document order | nil for a table not loaded from YAML
+ * (keys a merge key brought in are not listed: yaml.keys adds them) */
+static int l_key_order(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, KEY_ORDER);
+  lua_pushvalue(L, 1);
+  lua_rawget(L, -2);
+  return 1;
 }
 
 /* yaml.load_file(path) -> value | nil, err, code */
@@ -1107,9 +1130,17 @@ static int l_dump(lua_State *L) {
 /* ---------------------------------------------------------------- module */
 
 static const luaL_Reg yaml_functions[] = {
-    {"load", l_load}, {"load_all", l_load_all}, {"load_file", l_load_file}, {"dump", l_dump}, {NULL, NULL}};
+    {"load", l_load}, {"load_all", l_load_all}, {"load_file", l_load_file}, {"dump", l_dump},
+    {"key_order", l_key_order}, {NULL, NULL}};
 
 int luaopen_ops_core_yaml(lua_State *L) {
+  if (luaL_getsubtable(L, LUA_REGISTRYINDEX, KEY_ORDER) == 0) {
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+  }
+  lua_pop(L, 1);
   luaL_newmetatable(L, LOADER_MT);
   lua_pushcfunction(L, loader_gc);
   lua_setfield(L, -2, "__gc");

@@ -307,3 +307,23 @@ describe("ops.yaml.dump", function()
     assert.matches("nesting is deeper than 512 levels", err, 1, true)
   end)
 end)
+
+describe("yaml.keys", function()
+  local yaml = require "ops.yaml"
+
+  it("gives a mapping's keys in document order, not hash order", function()
+    local doc = assert(yaml.load("deployments:\n  zeta: 1\n  alpha: 2\n  mid: 3\n  beta: 4\n"))
+    assert.are.same({"zeta", "alpha", "mid", "beta"}, yaml.keys(doc.deployments))
+  end)
+
+  it("lists a duplicated key once, and merged keys after, sorted", function()
+    local doc = assert(yaml.load("base: &b {y: 1, x: 2}\nm:\n  k2: 1\n  k1: 2\n  k2: 3\n  <<: *b\n"))
+    assert.are.same({"k2", "k1", "x", "y"}, yaml.keys(doc.m))
+    assert.are.equal(3, doc.m.k2)
+  end)
+
+  it("sorts the keys of a table that was not loaded from YAML", function()
+    assert.are.same({"a", "b", "c"}, yaml.keys({c = 1, a = 2, b = 3}))
+    assert.has_error(function() yaml.keys("x") end)
+  end)
+end)
