@@ -9,6 +9,7 @@
  * The C struct owns every libuv handle and outlives its Lua handle when it must: it is
  * freed when its last handle has closed.
  */
+#define _GNU_SOURCE /* posix_spawn_file_actions_addchdir_np, POSIX_SPAWN_SETSID */
 #include "linebuf.h"
 #include "opsrun.h"
 
@@ -18,7 +19,9 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <spawn.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -43,13 +46,12 @@ typedef struct {
 } stream;
 
 struct proc {
-  uv_process_t h;
   stream out, err;
   uv_pipe_t in;
   uv_write_t wreq;
   uv_timer_t timer;
   int in_open, in_ref;
-  int handles; /* open libuv handles; the struct goes when it reaches 0 */
+  int handles; /* open libuv handles, the unreaped child and the Lua handle: freed at 0 */
   int exited, term_signal;
   int64_t exit_status;
   int timed_out, killed, phase, done, in_live;
@@ -234,19 +236,92 @@ static void start_kill(proc *p) {
   on_timer(&p->timer);
 }
 
-static void on_child_exit(uv_process_t *h, int64_t status, int term_signal) {
-  proc *p = h->data;
+static void release(proc *p) {
+  if (--p->handles == 0) proc_free(p);
+}
+
+static void child_exited(proc *p, int status) {
   p->exited = 1;
-  p->exit_status = status;
-  p->term_signal = term_signal;
+  if (WIFSIGNALED(status)) {
+    p->term_signal = WTERMSIG(status);
+  } else {
+    p->exit_status = WEXITSTATUS(status);
+  }
   p->duration = (double)(uv_hrtime() - p->start) / 1e9;
-  close_handle(p, (uv_handle_t *)h);
   if (p->killed && p->phase == PH_TERM && (p->out.reading || p->err.reading)) {
     /* the child is gone but something in its group still holds a pipe: no more grace */
     uv_timer_stop(&p->timer);
     on_timer(&p->timer);
   }
   maybe_done(p);
+  release(p); /* the child is reaped */
+}
+
+/* Children are started with posix_spawn (a vfork: no page tables copied, so spawning
+ * stays cheap however big opsrun is) and reaped here, on SIGCHLD, by pid. */
+static uv_signal_t sigchld;
+static int sigchld_ready, running;
+
+static void on_sigchld(uv_signal_t *h, int signum) {
+  (void)h;
+  (void)signum;
+  proc *next;
+  for (proc *p = live; p; p = next) {
+    next = p->next;
+    if (p->exited) continue;
+    int status;
+    pid_t r = waitpid(p->pid, &status, WNOHANG);
+    if (r == p->pid || (r < 0 && errno == ECHILD)) {
+      if (--running == 0) uv_unref((uv_handle_t *)&sigchld);
+      child_exited(p, r < 0 ? 0 : status);
+    }
+  }
+}
+
+static int watch_children(void) {
+  if (!sigchld_ready) {
+    uv_signal_init(ops_loop(), &sigchld);
+    int rc = uv_signal_start(&sigchld, on_sigchld, SIGCHLD);
+    if (rc != 0) return rc;
+    uv_unref((uv_handle_t *)&sigchld);
+    sigchld_ready = 1;
+  }
+  return 0;
+}
+
+/* Finds argv0 the way execvp would, in the PATH the child will get. Returns 0 and the
+ * path in buf, or an errno (ENOENT, EACCES). */
+static int find_program(const char *name, const char *path_var, char *buf, size_t len) {
+  if (strchr(name, '/')) {
+    if (snprintf(buf, len, "%s", name) >= (int)len) return ENAMETOOLONG;
+    struct stat st;
+    if (stat(buf, &st) != 0) return errno;
+    if (S_ISDIR(st.st_mode) || access(buf, X_OK) != 0) return EACCES;
+    return 0;
+  }
+  if (*name == '\0') return ENOENT;
+  if (path_var == NULL) path_var = "/usr/local/bin:/usr/bin:/bin";
+  int found_denied = 0;
+  const char *p = path_var;
+  for (;;) {
+    const char *end = strchr(p, ':');
+    size_t n = end ? (size_t)(end - p) : strlen(p);
+    const char *dir = n ? p : ".";
+    size_t dn = n ? n : 1;
+    if (dn + 1 + strlen(name) < len) {
+      memcpy(buf, dir, dn);
+      buf[dn] = '/';
+      strcpy(buf + dn + 1, name);
+      struct stat st;
+      if (stat(buf, &st) == 0 && S_ISREG(st.st_mode)) {
+        if (access(buf, X_OK) == 0) return 0;
+        found_denied = 1;
+      }
+    }
+    if (!end) break;
+    p = end + 1;
+  }
+  return found_denied ? EACCES : ENOENT;
 }
 
 /* ---- output ---- */
@@ -514,10 +589,8 @@ static int l_spawn(lua_State *L) {
     return 3;
   }
 
-  /* stdin: nil -> /dev/null, string -> written to a pipe, {path=} -> file, "inherit" */
-  uv_stdio_container_t stdio[3];
-  memset(stdio, 0, sizeof stdio);
-  stdio[0].flags = UV_IGNORE;
+  /* child_fd[i]: what becomes the child's fd i (-1: /dev/null) */
+  int child_fd[3] = {-1, -1, -1};
   int in_fd = -1;
   const char *in_data = NULL;
   size_t in_len = 0;
@@ -540,89 +613,100 @@ static int l_spawn(lua_State *L) {
       return 3;
     }
     lua_pop(L, 2);
-    stdio[0].flags = UV_INHERIT_FD;
-    stdio[0].data.fd = in_fd;
+    child_fd[0] = in_fd;
   } else {
     const char *m = lua_tostring(L, -1);
-    if (m && strcmp(m, "inherit") == 0) {
-      stdio[0].flags = UV_INHERIT_FD;
-      stdio[0].data.fd = 0;
-    }
+    if (m && strcmp(m, "inherit") == 0) child_fd[0] = 0;
     lua_pop(L, 1);
   }
-  int fds_in[2] = {-1, -1};
+  int fds_in[2] = {-1, -1}, fds_out[2] = {-1, -1}, fds_err[2] = {-1, -1};
+  int pipe_failed = 0;
   if (in_data) {
-    if (uv_pipe(fds_in, 0, UV_NONBLOCK_PIPE) != 0) {
-      proc_free(p);
-      return luaL_error(L, "cannot make a pipe: %s", strerror(errno));
-    }
-    stdio[0].flags = UV_INHERIT_FD;
-    stdio[0].data.fd = fds_in[0];
+    if (uv_pipe(fds_in, 0, UV_NONBLOCK_PIPE) != 0) pipe_failed = 1;
+    child_fd[0] = fds_in[0];
   }
-
-  /* stdout and stderr */
-  int fds_out[2] = {-1, -1}, fds_err[2] = {-1, -1};
   stream *ss[2] = {&p->out, &p->err};
   int *fds[2] = {fds_out, fds_err};
   int file_fd[2] = {out_fd, err_fd};
   for (int i = 0; i < 2; i++) {
-    stream *s = ss[i];
-    int fd = i + 1;
-    switch (s->mode) {
+    switch (ss[i]->mode) {
       case S_CAPTURE:
-        if (uv_pipe(fds[i], UV_NONBLOCK_PIPE, 0) != 0) return luaL_error(L, "cannot make a pipe");
-        stdio[fd].flags = UV_INHERIT_FD;
-        stdio[fd].data.fd = fds[i][1];
+        if (uv_pipe(fds[i], UV_NONBLOCK_PIPE, 0) != 0) pipe_failed = 1;
+        child_fd[i + 1] = fds[i][1];
         break;
-      case S_INHERIT:
-        stdio[fd].flags = UV_INHERIT_FD;
-        stdio[fd].data.fd = fd;
-        break;
-      case S_IGNORE: stdio[fd].flags = UV_IGNORE; break;
-      case S_FILE:
-        stdio[fd].flags = UV_INHERIT_FD;
-        stdio[fd].data.fd = file_fd[i];
-        break;
-      case S_MERGE: stdio[fd] = stdio[1]; break;
+      case S_INHERIT: child_fd[i + 1] = i + 1; break;
+      case S_IGNORE: break;
+      case S_FILE: child_fd[i + 1] = file_fd[i]; break;
+      case S_MERGE: child_fd[2] = child_fd[1] >= 0 ? child_fd[1] : -2; break;
     }
   }
 
-  uv_process_options_t o;
-  memset(&o, 0, sizeof o);
-  o.file = args[0];
-  o.args = args;
-  o.env = env;
-  o.cwd = cwd;
-  o.exit_cb = on_child_exit;
-  o.flags = UV_PROCESS_DETACHED; /* its own session and process group */
-  o.stdio_count = 3;
-  o.stdio = stdio;
-  p->h.data = p;
-  p->start = uv_hrtime();
-  int rc = uv_spawn(ops_loop(), &p->h, &o);
+  /* the program, found in the PATH the child gets */
+  const char *path_var = getenv("PATH");
+  if (env) {
+    path_var = NULL;
+    for (char **e = env; *e; e++)
+      if (strncmp(*e, "PATH=", 5) == 0) path_var = *e + 5;
+  }
+  char program[4096];
+  int rc = pipe_failed ? EMFILE : find_program(args[0], path_var, program, sizeof program);
+  int devnull = -1;
+  if (rc == 0) {
+    rc = watch_children();
+    if (rc != 0) rc = -rc;
+  }
+  if (rc == 0) {
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&attr);
+    for (int i = 0; i < 3; i++) {
+      int src = child_fd[i];
+      if (src == -2) continue; /* merged into a stdout that is /dev/null: dup below */
+      if (src < 0) {
+        if (devnull < 0) devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        src = devnull;
+      }
+      posix_spawn_file_actions_adddup2(&fa, src, i);
+    }
+    if (child_fd[2] == -2) posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    if (cwd) posix_spawn_file_actions_addchdir_np(&fa, cwd);
+    sigset_t all, none;
+    sigfillset(&all);
+    sigemptyset(&none);
+    posix_spawnattr_setsigdefault(&attr, &all); /* no handler or SIG_IGN of ours leaks in */
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
+    p->start = uv_hrtime();
+    pid_t pid;
+    rc = posix_spawn(&pid, program, &fa, &attr, args, env ? env : environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    if (rc == 0) p->pid = pid;
+  }
   /* the child has its copies now (or never will) */
-  int child_ends[] = {fds_in[0], fds_out[1], fds_err[1], in_fd, out_fd, err_fd};
+  int child_ends[] = {fds_in[0], fds_out[1], fds_err[1], in_fd, out_fd, err_fd, devnull};
   for (size_t i = 0; i < sizeof child_ends / sizeof *child_ends; i++)
     if (child_ends[i] >= 0) close(child_ends[i]);
   if (rc != 0) {
     int ours[] = {fds_in[1], fds_out[0], fds_err[0]};
     for (size_t i = 0; i < 3; i++)
       if (ours[i] >= 0) close(ours[i]);
-    /* uv_spawn failed: the process handle still has to be closed */
-    p->handles = 1;
-    uv_close((uv_handle_t *)&p->h, handle_closed);
+    proc_free(p);
     lua_pushnil(L);
-    if (rc == UV_ENOENT)
+    if (rc == ENOENT)
       lua_pushfstring(L, "%s: command not found", args[0]);
-    else if (rc == UV_EACCES)
+    else if (rc == EACCES)
       lua_pushfstring(L, "%s: permission denied (is it executable?)", args[0]);
+    else if (rc < 0)
+      lua_pushfstring(L, "%s: cannot watch children: %s", args[0], uv_strerror(rc));
     else
-      lua_pushfstring(L, "%s: cannot run: %s", args[0], uv_strerror(rc));
-    lua_pushstring(L, uv_err_name(rc));
+      lua_pushfstring(L, "%s: cannot run: %s", args[0], strerror(rc));
+    lua_pushstring(L, rc < 0 ? uv_err_name(rc) : uv_err_name(-rc));
     return 3;
   }
-  p->pid = p->h.pid;
-  p->handles = 2; /* process + timer */
+  if (running++ == 0) uv_ref((uv_handle_t *)&sigchld);
+  p->handles = 2; /* the child + the timer */
   uv_timer_init(ops_loop(), &p->timer);
   p->timer.data = p;
   p->next = live;
