@@ -11,7 +11,12 @@ describe("ops.log", function()
       {NO_COLOR = "1"})
     assert.are.equal("", r.stdout)
     assert.matches("^%d%d:%d%d:%d%d INFO  deployed prod\n", r.stderr)
-    assert.matches("WARN  slow  secs=3 step=helm\n", r.stderr)
+    assert.matches("WARN  %[helm%] slow  secs=3\n", r.stderr)
+  end)
+
+  it("puts a step in front of its line and leaves the stream out of text", function()
+    local r = run([[ops.log.info("Initializing", {step = "prod/terraform", stream = "stderr", n = 1})]], {NO_COLOR = "1"})
+    assert.matches("INFO  %[prod/terraform%] Initializing  n=1\n$", r.stderr)
   end)
 
   it("has no colour when the output is not a terminal", function()

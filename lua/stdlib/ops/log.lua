@@ -33,12 +33,16 @@ function log.secret(value)
   return value
 end
 
---- log.add_mask(pattern) : a Lua pattern whose matches are redacted
-function log.add_mask(pattern)
+--- log.add_mask(pattern [, replacement]) : a Lua pattern whose matches are replaced
+--- (by *** unless replacement is given)
+function log.add_mask(pattern, replacement)
   assert(type(pattern) == "string", "log.add_mask: pattern must be a string")
   local ok, err = pcall(string.find, "", pattern)
   if not ok then error("log.add_mask: bad pattern '" .. pattern .. "': " .. tostring(err), 2) end
-  masks[#masks + 1] = pattern
+  for _, m in ipairs(masks) do
+    if m[1] == pattern then return end
+  end
+  masks[#masks + 1] = {pattern, (tostring(replacement or REDACTED):gsub("%%", "%%%%"))}
 end
 
 local function replace_plain(s, needle)
@@ -62,7 +66,7 @@ function log.redact(s)
     if s:find(secret, 1, true) then s = replace_plain(s, secret) end
   end
   for _, m in ipairs(masks) do
-    s = s:gsub(m, REDACTED)
+    s = s:gsub(m[1], m[2])
   end
   return s
 end
@@ -121,18 +125,23 @@ local function emit(level, msg, fields)
     line = json.encode(rec) or json.encode({ts = rec.ts, level = level, msg = msg})
   else
     local parts = {}
+    local prefix = ""
     if fields then
       local keys = {}
-      for k in pairs(fields) do keys[#keys + 1] = tostring(k) end
+      for k in pairs(fields) do
+        -- a step's lines read best with the step in front; the stream is noise to a reader
+        if k ~= "step" and k ~= "stream" then keys[#keys + 1] = tostring(k) end
+      end
       table.sort(keys)
       for _, k in ipairs(keys) do
         parts[#parts + 1] = k .. "=" .. log.redact(field_text(fields[k]))
       end
+      if fields.step ~= nil then prefix = "[" .. log.redact(tostring(fields.step)) .. "] " end
     end
     local tail = #parts > 0 and ("  " .. table.concat(parts, " ")) or ""
     local tag = string.format("%-5s", level:upper())
     if use_colour() then tag = COLOURS[level] .. tag .. "\27[0m" end
-    line = os.date("%H:%M:%S") .. " " .. tag .. " " .. msg .. tail
+    line = os.date("%H:%M:%S") .. " " .. tag .. " " .. prefix .. msg .. tail
   end
   state.out:write(line, "\n")
   state.out:flush()

@@ -13,6 +13,8 @@ usage: opsrun [options] SCRIPT.lua [args...]   run a Lua script (it gets `arg` a
        opsrun [options] COMMAND [args...]
 
 commands:
+  deploy [options]   deploy environments of an operations repo (opsrun deploy --help)
+  runs [show ID]     the history of deploys
   which MODULE       where `require "MODULE"` would load it from
   help               this text
 
@@ -32,6 +34,13 @@ environment:
 ]==]
 
 local commands = {}
+
+-- Commands written as modules (lua/tools/<name>.lua, overridable like any module):
+-- each has main(args, cli) -> exit code.
+local MODULE_COMMANDS = {deploy = "tools.deploy", runs = "tools.runs"}
+for name, mod in pairs(MODULE_COMMANDS) do
+  commands[name] = function(args) return require(mod).main(args, cli) end
+end
 
 local function usage_error(msg)
   io.stderr:write("opsrun: ", msg, "\n", USAGE)

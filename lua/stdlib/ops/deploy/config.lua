@@ -1,0 +1,190 @@
+-- ops.deploy.config: BitOps configuration files, read against a tool's schema.
+-- Precedence: BITOPS_<TOOL>_<KEY> variable > the schema's export_env variable > the file >
+-- the schema's default. A `false` in the file is kept (BitOps drops it).
+local yaml = require "ops.yaml"
+local fs = require "ops.fs"
+local failure = require "ops.deploy.failure"
+
+local config = {}
+
+local function is_null(v) return v == nil or v == yaml.null end
+
+local function is_sequence(t)
+  if type(t) ~= "table" then return false end
+  if getmetatable(t) == require("ops.core.yaml").array_mt then return true end
+  local n = #t
+  if n == 0 then return false end
+  for k in pairs(t) do
+    if math.type(k) ~= "integer" or k < 1 or k > n then return false end
+  end
+  return true
+end
+
+--- config.deep_merge(base, over) -> a new table: mappings merged key by key (over wins),
+--- sequences and scalars replaced whole by over's
+function config.deep_merge(base, over)
+  if type(base) ~= "table" or type(over) ~= "table" or is_sequence(base) or is_sequence(over) then
+    if over == nil then return base end
+    return over
+  end
+  local out = {}
+  for k, v in pairs(base) do out[k] = v end
+  for k, v in pairs(over) do
+    if out[k] ~= nil then out[k] = config.deep_merge(out[k], v) else out[k] = v end
+  end
+  return out
+end
+
+--- config.load_yaml(path, shown) -> table ({} for an empty file); a missing file is nil.
+--- Malformed YAML fails naming shown:line:column.
+function config.load_yaml(path, shown)
+  if not fs.exists(path) then return nil end
+  local text, err = fs.read(path)
+  if not text then failure.raise(err) end
+  local v, yerr = yaml.load(text, shown or path)
+  if v == nil then failure.raise(yerr) end
+  if is_null(v) then return {} end
+  if type(v) ~= "table" or is_sequence(v) then
+    failure.raise((shown or path) .. ": expected a mapping of settings at the top level")
+  end
+  return v
+end
+
+local function env_key(tool, path)
+  return ("BITOPS_" .. tool .. "_" .. table.concat(path, "_")):upper():gsub("[^%w]", "_")
+end
+
+local function describe(v)
+  if type(v) == "string" then return string.format("the string %q", v) end
+  if type(v) == "table" then return is_sequence(v) and "a list" or "a mapping" end
+  return "the " .. type(v) .. " " .. tostring(v)
+end
+
+local TRUE = {["true"] = true, yes = true, on = true, ["1"] = true}
+local FALSE = {["false"] = true, no = true, off = true, ["0"] = true}
+
+-- Converts a value to the schema's type; returns value or nil, reason.
+local function coerce(v, spec, from_env)
+  local t = spec.type or "string"
+  if t == "string" then
+    if type(v) == "string" then return v end
+    if type(v) == "number" then return tostring(v) end
+    return nil, "must be a string, not " .. describe(v)
+  elseif t == "boolean" then
+    if type(v) == "boolean" then return v end
+    if type(v) == "string" and (from_env or true) then
+      local l = v:lower()
+      if TRUE[l] then return true end
+      if FALSE[l] then return false end
+    end
+    return nil, "must be true or false, not " .. describe(v)
+  elseif t == "number" then
+    local n = tonumber(v)
+    if n then return n end
+    return nil, "must be a number, not " .. describe(v)
+  elseif t == "list" then
+    if type(v) == "string" and from_env then
+      local out = {}
+      for item in v:gmatch("[^,]+") do out[#out + 1] = item:match("^%s*(.-)%s*$") end
+      return out
+    end
+    if type(v) == "string" or type(v) == "number" then return {tostring(v)} end
+    if type(v) == "table" and (is_sequence(v) or next(v) == nil) then
+      local out = {}
+      for i, item in ipairs(v) do
+        if type(item) ~= "string" and type(item) ~= "number" and type(item) ~= "boolean" then
+          return nil, "item " .. i .. " must be a string, not " .. describe(item)
+        end
+        out[i] = tostring(item)
+      end
+      return out
+    end
+    return nil, "must be a list, not " .. describe(v)
+  end
+  error("schema: unknown type '" .. tostring(t) .. "'")
+end
+
+local function export_string(v)
+  if type(v) == "table" then return table.concat(v, ",") end
+  return tostring(v)
+end
+
+--- config.resolve(schema, file_table, ctx) -> cfg, exports, warnings
+--- ctx = {tool = "terraform", where = "environment 'prod': terraform step",
+---        file = "prod/terraform/bitops.config.yaml", getenv = os.getenv}
+--- cfg has the schema's sections (cli, options, ...); exports maps export_env names to
+--- strings for hooks and tools.
+function config.resolve(schema, file_table, ctx)
+  local getenv = ctx.getenv or os.getenv
+  local exports, warnings = {}, {}
+  local body = file_table or {}
+  -- BitOps nests the settings under the tool's name; accept both forms
+  if type(body[ctx.tool]) == "table" then body = body[ctx.tool] end
+  local function bad(path, why)
+    failure.raise(string.format("%s: %s %s (%s)", ctx.where, table.concat(path, "."), why, ctx.file))
+  end
+
+  local function walk(props, section, path, out)
+    if not is_null(section) and type(section) ~= "table" then bad(path, "must be a mapping, not " .. describe(section)) end
+    section = (not is_null(section)) and section or {}
+    for key, spec in pairs(props) do
+      local p = {table.unpack(path)}
+      p[#p + 1] = key
+      if spec.type == "object" then
+        out[key] = {}
+        walk(spec.properties or {}, section[key], p, out[key])
+      else
+        local value, why
+        local env_path = {table.unpack(p, 2)}
+        local from = getenv(env_key(ctx.tool, env_path))
+        if from == nil and spec.export_env then from = getenv(spec.export_env) end
+        if from ~= nil then
+          value, why = coerce(from, spec, true)
+          if value == nil then bad(p, why .. " (from the environment)") end
+        elseif not is_null(section[key]) then
+          value, why = coerce(section[key], spec, false)
+          if value == nil then bad(p, why) end
+        else
+          value = spec.default
+        end
+        if value == nil and spec.required then bad(p, "is required") end
+        if value ~= nil and spec.enum then
+          local okv = false
+          for _, e in ipairs(spec.enum) do if e == value then okv = true end end
+          if not okv then bad(p, "must be one of " .. table.concat(spec.enum, ", ") .. ", not " .. describe(value)) end
+        end
+        out[key] = value
+        if spec.export_env and value ~= nil then exports[spec.export_env] = export_string(value) end
+      end
+    end
+    for key in pairs(section) do
+      if props[key] == nil then
+        local p = {table.unpack(path)}
+        p[#p + 1] = tostring(key)
+        warnings[#warnings + 1] = string.format("%s: %s is not a setting opsrun knows; ignored (%s)",
+          ctx.where, table.concat(p, "."), ctx.file)
+      end
+    end
+  end
+
+  local cfg = {}
+  local sections = {}
+  for name in pairs(schema) do sections[#sections + 1] = name end
+  table.sort(sections)
+  for _, name in ipairs(sections) do
+    cfg[name] = {}
+    walk(schema[name], body[name], {name}, cfg[name])
+  end
+  for key in pairs(body) do
+    if schema[key] == nil then
+      warnings[#warnings + 1] = string.format("%s: %s is not a section opsrun knows (%s); ignored",
+        ctx.where, tostring(key), ctx.file)
+    end
+  end
+  return cfg, exports, warnings
+end
+
+--- config.is_sequence(t) -> boolean
+config.is_sequence = is_sequence
+
+return config

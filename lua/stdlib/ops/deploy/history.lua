@@ -1,0 +1,123 @@
+-- ops.deploy.history: runs, their steps and the environment locks, in the store.
+local store = require "ops.store"
+local sys = require "ops.sys"
+local fs = require "ops.fs"
+local failure = require "ops.deploy.failure"
+
+local history = {}
+
+local MIGRATIONS = {
+  [[
+  CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,          -- running, succeeded, failed, interrupted
+    repo TEXT, revision TEXT, envs TEXT, args TEXT,
+    trigger TEXT, delivery TEXT,   -- cli, serve (with the webhook delivery id)
+    pid INTEGER, host TEXT, error TEXT
+  );
+  CREATE TABLE steps (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    id TEXT NOT NULL, env TEXT, tool TEXT,
+    status TEXT NOT NULL,          -- pending, running, succeeded, failed, skipped, not-run, interrupted
+    code INTEGER, started REAL, finished REAL, duration REAL,
+    error TEXT, log_tail TEXT,
+    PRIMARY KEY (run_id, id)
+  );
+  CREATE TABLE locks (
+    name TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,
+    run_id INTEGER, started REAL NOT NULL
+  );
+  ]],
+}
+
+--- history.default_path() -> $OPSRUN_STORE, or $XDG_STATE_HOME/opsrun/opsrun.db, or
+--- ~/.local/state/opsrun/opsrun.db
+function history.default_path()
+  local p = sys.getenv("OPSRUN_STORE")
+  if p and p ~= "" then return p end
+  local base = sys.getenv("XDG_STATE_HOME")
+  if not base or base == "" then base = (sys.getenv("HOME") or "/tmp") .. "/.local/state" end
+  return base .. "/opsrun/opsrun.db"
+end
+
+--- history.open(path) -> db, raising a failure that names the path and the fix
+function history.open(path)
+  path = path or history.default_path()
+  local ok, err = fs.mkdir_p(fs.dirname(path))
+  if not ok then
+    failure.raise("cannot create the folder of the state store " .. path .. ": " .. err
+      .. " (set OPSRUN_STORE or --store to a writable path)")
+  end
+  local db, oerr = store.open(path)
+  if not db then
+    failure.raise("cannot open the state store " .. path .. ": " .. oerr .. " (set OPSRUN_STORE or --store)")
+  end
+  local mok, merr = pcall(db.migrate, db, MIGRATIONS, {component = "ops.deploy"})
+  if not mok then failure.raise("the state store " .. path .. " cannot be used: " .. tostring(merr)) end
+  return db, path
+end
+
+local function now() return require("ops.time").now() end
+
+function history.start_run(db, fields)
+  local _, id = assert(db:exec(
+    "INSERT INTO runs (started, status, repo, revision, envs, args, trigger, delivery, pid, host) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+    now(), fields.repo, fields.revision, fields.envs, fields.args, fields.trigger or "cli", fields.delivery,
+    sys.pid(), sys.hostname()))
+  return id
+end
+
+function history.finish_run(db, run_id, status, err)
+  assert(db:exec("UPDATE runs SET finished = ?, status = ?, error = ? WHERE id = ?", now(), status, err, run_id))
+end
+
+function history.record_step(db, run_id, s)
+  assert(db:exec([[INSERT INTO steps (run_id, id, env, tool, status, code, started, finished, duration, error, log_tail)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (run_id, id) DO UPDATE SET status = excluded.status, code = excluded.code,
+      started = excluded.started, finished = excluded.finished, duration = excluded.duration,
+      error = excluded.error, log_tail = excluded.log_tail]],
+    run_id, s.id, s.env, s.tool, s.status, s.code, s.started, s.finished, s.duration, s.error, s.log_tail))
+end
+
+local function alive(pid)
+  local ok, _, code = sys.kill(pid, "0")
+  return ok or code == "EPERM"
+end
+
+--- history.lock(db, name, run_id) -> true | false, holder ({pid, host, run_id, started})
+--- A lock whose process is gone (same host) is stale and taken over.
+function history.lock(db, name, run_id)
+  return db:transaction(function()
+    local row = db:query("SELECT pid, host, run_id, started FROM locks WHERE name = ?", name)[1]
+    local me, host = sys.pid(), sys.hostname()
+    if row and not (row.host == host and (row.pid == me or not alive(row.pid))) then
+      return false, row
+    end
+    if row then
+      db:exec("UPDATE locks SET pid = ?, host = ?, run_id = ?, started = ? WHERE name = ?", me, host, run_id, now(), name)
+    else
+      db:exec("INSERT INTO locks (name, pid, host, run_id, started) VALUES (?, ?, ?, ?, ?)", name, me, host, run_id, now())
+    end
+    return true, row
+  end)
+end
+
+function history.unlock(db, name)
+  db:exec("DELETE FROM locks WHERE name = ? AND pid = ? AND host = ?", name, sys.pid(), sys.hostname())
+end
+
+function history.runs(db, limit)
+  return db:query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", limit or 20)
+end
+
+function history.run(db, id)
+  local run = db:query("SELECT * FROM runs WHERE id = ?", id)[1]
+  if not run then return nil end
+  run.steps = db:query("SELECT * FROM steps WHERE run_id = ? ORDER BY started IS NULL, started, id", id)
+  return run
+end
+
+return history

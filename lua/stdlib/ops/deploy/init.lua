@@ -1,0 +1,416 @@
+-- ops.deploy: the deploy engine. A run is a set of steps (one tool in one environment)
+-- forming a graph through `needs`; independent steps run in parallel up to `jobs`.
+--
+--   local deploy = require "ops.deploy"
+--   local code = deploy.run{repo = ".", envs = {"prod"}, jobs = 4}
+--
+-- Each run works in a copy of the environments it deploys (with _default merged in), holds
+-- a lock per environment, and is recorded, step by step, in the store.
+local fs = require "ops.fs"
+local log = require "ops.log"
+local sys = require "ops.sys"
+local time = require "ops.time"
+local proc = require "ops.proc"
+local sched = require "ops.core.sched"
+local modules = require "ops.core.modules"
+local failure = require "ops.deploy.failure"
+local config = require "ops.deploy.config"
+local repo = require "ops.deploy.repo"
+local hooks = require "ops.deploy.hooks"
+local history = require "ops.deploy.history"
+local Step = require "ops.deploy.step"
+
+local deploy = {
+  failure = failure,
+  config = config,
+  repo = repo,
+  hooks = hooks,
+  history = history,
+  Step = Step,
+}
+
+--- deploy.driver(tool) -> the driver module; an override that is a plain table falls back
+--- to the built-in driver for the stages it does not define
+function deploy.driver(tool)
+  local ok, mod = pcall(require, "tools." .. tool)
+  if not ok then failure.raise("cannot load the driver for '" .. tool .. "': " .. tostring(mod)) end
+  if type(mod) ~= "table" then failure.raise("tools." .. tool .. " must return a table of stages") end
+  if getmetatable(mod) == nil and modules.locate("tools." .. tool) ~= "builtin" then
+    local bok, base = pcall(modules.builtin, "tools." .. tool)
+    if bok and base ~= mod then setmetatable(mod, {__index = base}) end
+  end
+  if type(mod.deploy) ~= "function" then failure.raise("tools." .. tool .. " has no deploy stage") end
+  return mod
+end
+
+--- deploy.plan(opts) -> steps for a BitOps repo: opts.repo, opts.envs, opts.only, opts.skip,
+--- opts.changed_since. Steps of one environment run in order, each needing the one before.
+function deploy.plan(opts)
+  local root = opts.repo
+  local envs = opts.envs
+  if opts.changed_since then
+    local changed = repo.changed_environments(root, opts.changed_since)
+    local candidates = envs or repo.environments(root)
+    envs = {}
+    for _, e in ipairs(candidates) do
+      if changed[e] or changed[repo.DEFAULT_DIR] then envs[#envs + 1] = e end
+    end
+  end
+  local steps, settings = {}, {}
+  for _, env in ipairs(envs) do
+    local env_steps, s = repo.plan_env(root, env)
+    settings[env] = s
+    local prev
+    for _, st in ipairs(env_steps) do
+      local function matches(list)
+        for _, want in ipairs(list or {}) do
+          if want == st.id or want == st.folder or want == st.tool or want == st.env then return true end
+        end
+        return false
+      end
+      if (not opts.only or #opts.only == 0 or matches(opts.only)) and not matches(opts.skip) then
+        st.needs = prev and {prev.id} or {}
+        steps[#steps + 1] = st
+        prev = st
+      end
+    end
+  end
+  return steps, settings, envs
+end
+
+local function check_graph(steps)
+  local by_id = {}
+  for _, s in ipairs(steps) do
+    if type(s.id) ~= "string" then failure.raise("every step needs an id") end
+    if by_id[s.id] then failure.raise("two steps are called '" .. s.id .. "'") end
+    by_id[s.id] = s
+  end
+  for _, s in ipairs(steps) do
+    s.needs = s.needs or {}
+    for _, n in ipairs(s.needs) do
+      if not by_id[n] then failure.raise("step '" .. s.id .. "' needs '" .. n .. "', which is not a step of this run") end
+    end
+  end
+  local state = {}
+  local function visit(s, path)
+    if state[s.id] == "done" then return end
+    if state[s.id] == "visiting" then
+      failure.raise("the steps' needs form a cycle: " .. table.concat(path, " -> ") .. " -> " .. s.id)
+    end
+    state[s.id] = "visiting"
+    path[#path + 1] = s.id
+    for _, n in ipairs(s.needs) do visit(by_id[n], path) end
+    path[#path] = nil
+    state[s.id] = "done"
+  end
+  for _, s in ipairs(steps) do visit(s, {}) end
+  return by_id
+end
+
+local function git_revision(root)
+  local r = proc.run({"git", "-C", root, "rev-parse", "HEAD"}, {timeout = 30, stderr = "ignore"})
+  if r and r.ok then return (r.stdout:gsub("%s+$", "")) end
+  return nil
+end
+
+local function traceback(err)
+  if failure.is(err) then return err end
+  return debug.traceback(tostring(err), 2)
+end
+
+local function truthy_skip(cfg)
+  for _, section in pairs(cfg) do
+    if type(section) == "table" and section["skip-deploy"] == true then return true end
+  end
+  return false
+end
+
+-- One step, in a task of its own.
+local function execute(run, s)
+  s.status = "running"
+  s.started = time.now()
+  local t0 = time.monotonic()
+  run.record(s)
+  local env_dir = run.copies[s.env]
+  local private = fs.join(run.workdir, ".private", (s.id:gsub("[^%w_.-]", "_")))
+  assert(fs.mkdir_p(private, {mode = "0700"}))
+  local dir = s.dir and fs.join(env_dir, s.dir) or fs.join(env_dir, s.folder)
+  local vars = {
+    BITOPS_ENVIRONMENT = s.env, ENVIRONMENT = s.env,
+    BITOPS_ENVROOT = env_dir, BITOPS_OPSREPO_ENVIRONMENT_DIR = env_dir,
+    BITOPS_TEMPDIR = run.workdir, BITOPS_PLUGIN_NAME = s.tool,
+    BITOPS_DRY_RUN = run.dry_run and "true" or "false",
+    OPSRUN_ENVIRONMENT = s.env, OPSRUN_ENV_DIR = env_dir, OPSRUN_WORKDIR = run.workdir,
+    OPSRUN_TOOL = s.tool, OPSRUN_STEP = s.id, OPSRUN_STEP_DIR = dir, OPSRUN_REPO = run.repo,
+    OPSRUN_DRY_RUN = run.dry_run and "1" or "0",
+  }
+  if run.run_id then vars.OPSRUN_RUN_ID = tostring(run.run_id) end
+  run.outputs[s.env] = run.outputs[s.env] or {}
+  run.exports[s.env] = run.exports[s.env] or {}
+  local step = Step.new({
+    id = s.id, env = s.env, tool = s.tool, folder = s.folder, dir = dir, env_dir = env_dir,
+    repo = run.repo, workdir = run.workdir, dry_run = run.dry_run, vars = vars,
+    outputs = run.outputs[s.env], exports = run.exports[s.env], private_dir = private,
+    timeout = run.timeout, out = run.out,
+  })
+  s.step = step
+  local driver
+  local ok, err = xpcall(function()
+    if not fs.exists(dir) then step:fail(s.id .. ": the folder " .. dir .. " does not exist") end
+    driver = deploy.driver(s.tool)
+    hooks.run(step, "before")
+    -- read after the before-hooks: a hook may still edit the config
+    local shown = s.id .. "/bitops.config.yaml"
+    local file = config.load_yaml(fs.join(dir, "bitops.config.yaml"), shown)
+    local cfg, exported, warnings = config.resolve(driver.schema or {}, file, {
+      tool = s.tool, where = string.format("environment '%s': %s step", s.env, s.tool), file = shown,
+    })
+    for _, w in ipairs(warnings) do step.log.warn(w) end
+    step.config, step.config_file = cfg, shown
+    for k, v in pairs(exported) do step.vars[k] = v end
+    if truthy_skip(cfg) then
+      s.status = "skipped"
+      step.log.info("skip-deploy is set: skipped")
+      return
+    end
+    step.log.info("deploying with " .. s.tool)
+    driver:deploy(step)
+    hooks.run(step, "after")
+    s.status = "succeeded"
+  end, traceback)
+  if not ok then
+    s.status = "failed"
+    s.error = failure.message(err)
+    step.log.error(failure.is(err) and s.error or ("internal error: " .. s.error))
+    if driver and type(driver.recover) == "function" then
+      local rok, rerr = pcall(driver.recover, driver, step, err)
+      if not rok then step.log.error("recovery failed: " .. failure.message(rerr)) end
+    end
+    local hok, herr = pcall(hooks.run, step, "failure")
+    if not hok then step.log.error(failure.message(herr)) end
+  end
+  s.code = step.last_code
+  s.finished = time.now()
+  s.duration = time.monotonic() - t0
+  s.log_tail = table.concat(step.tail, "\n")
+  run.record(s)
+end
+
+local function summary(run, out)
+  local w = 4
+  for _, s in ipairs(run.steps) do w = math.max(w, #s.id) end
+  out:write("\n", string.format("%-" .. w .. "s  %-11s  %9s\n", "step", "status", "duration"))
+  for _, s in ipairs(run.steps) do
+    out:write(string.format("%-" .. w .. "s  %-11s  %8.1fs\n", s.id, s.status, s.duration or 0))
+  end
+  for _, s in ipairs(run.steps) do
+    if s.error and (s.status == "failed" or s.status == "not-run" or s.status == "interrupted") then
+      out:write(string.format("\n%s %s: %s\n", s.id, s.status, log.redact(s.error)))
+    end
+  end
+  out:flush()
+end
+
+--- deploy.run(opts) -> exit code, run
+--- opts: repo (folder), steps (from deploy.plan, or written by hand: {id, env, tool, folder|dir,
+--- needs}), or envs (planned here); jobs (default 4), fail_fast (default true, or the
+--- environments' bitops.fail_fast), dry_run, store (path), timeout (seconds per command),
+--- trigger, delivery, out (where the summary and dry-run go; io.stdout)
+function deploy.run(opts)
+  local out = opts.out or io.stdout
+  local ok, code, run = xpcall(function()
+    local root = opts.repo or "."
+    local real, rerr = fs.realpath(root)
+    if not real then failure.raise("the operations repo " .. root .. " cannot be read: " .. rerr) end
+    local steps, settings = opts.steps, opts.settings or {}
+    if not steps then
+      local envs = opts.envs
+      if not envs or #envs == 0 then
+        local all = repo.environments(real)
+        failure.raise("no environment given: use --env NAME or BITOPS_ENVIRONMENT (environments in "
+          .. root .. ": " .. (#all > 0 and table.concat(all, ", ") or "none") .. ")")
+      end
+      steps, settings = deploy.plan({repo = real, envs = envs, only = opts.only, skip = opts.skip,
+        changed_since = opts.changed_since})
+    end
+    local by_id = check_graph(steps)
+    local fail_fast = opts.fail_fast
+    local env_names, seen = {}, {}
+    for _, s in ipairs(steps) do
+      s.status = "pending"
+      if not seen[s.env] then
+        seen[s.env] = true
+        env_names[#env_names + 1] = s.env
+      end
+    end
+    table.sort(env_names)
+    for _, e in ipairs(env_names) do
+      local st = settings[e]
+      if fail_fast == nil and st and st.fail_fast == false then fail_fast = false end
+      if st and st.logging then
+        for _, m in ipairs(repo.mask_patterns(st.logging.masks, e .. "/bitops.config.yaml")) do
+          log.add_mask(m[1], m[2])
+        end
+      end
+    end
+    if fail_fast == nil then fail_fast = true end
+    if #steps == 0 then
+      out:write("nothing to deploy" .. (opts.changed_since and (": no environment changed since " .. opts.changed_since) or "") .. "\n")
+      return 0, {steps = {}}
+    end
+
+    local workdir <close> = fs.tempdir("opsrun-run-")
+    local run = {
+      repo = real, steps = steps, by_id = by_id, jobs = math.max(1, opts.jobs or 4),
+      fail_fast = fail_fast, dry_run = opts.dry_run and true or false, workdir = workdir.path,
+      copies = {}, outputs = {}, exports = {}, timeout = opts.timeout, out = out,
+    }
+    for _, e in ipairs(env_names) do run.copies[e] = repo.working_copy(real, e, workdir.path) end
+
+    -- the store: history and locks (a dry run touches neither)
+    local db, locks = nil, {}
+    run.record = function() end
+    if not run.dry_run then
+      db = history.open(opts.store)
+      run.run_id = history.start_run(db, {
+        repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
+        args = opts.args, trigger = opts.trigger, delivery = opts.delivery,
+      })
+      run.record = function(s)
+        history.record_step(db, run.run_id, {
+          id = s.id, env = s.env, tool = s.tool, status = s.status, code = s.code, started = s.started,
+          finished = s.finished, duration = s.duration, error = s.error and log.redact(s.error), log_tail = s.log_tail,
+        })
+      end
+      for _, s in ipairs(steps) do run.record(s) end
+    end
+    local function release()
+      for _, name in ipairs(locks) do pcall(history.unlock, db, name) end
+      locks = {}
+    end
+    local guard <close> = setmetatable({}, {__close = release})
+    if db then
+      for _, e in ipairs(env_names) do
+        local name = "env:" .. real .. ":" .. e
+        local got, holder = history.lock(db, name, run.run_id)
+        if not got then
+          history.finish_run(db, run.run_id, "failed", "locked")
+          failure.raise(string.format("environment '%s' is being deployed by process %d on %s (run %s, since %s); "
+            .. "wait for it, or stop it", e, holder.pid, holder.host, tostring(holder.run_id), time.iso8601(holder.started)))
+        end
+        locks[#locks + 1] = name
+      end
+    end
+
+    -- SIGINT/SIGTERM: stop the running steps (their programs get the signal's TERM/KILL),
+    -- start nothing more, record the run as interrupted
+    local me = sched.current()
+    local finished, waiting = {}, false
+    local function interrupt(signame)
+      if run.interrupted then return end
+      run.interrupted = signame
+      log.warn("interrupted by " .. signame .. ": stopping the running steps")
+      for _, s in ipairs(steps) do
+        if s.status == "running" and s.task then s.task:cancel() end
+      end
+      if waiting then sched.wake(me) end
+    end
+    sys.on_signal("SIGINT", interrupt)
+    sys.on_signal("SIGTERM", interrupt)
+    local signals <close> = setmetatable({}, {__close = function()
+      sys.on_signal("SIGINT", nil)
+      sys.on_signal("SIGTERM", nil)
+    end})
+
+    local running, stop = 0, false
+    while true do
+      local changed = true
+      while changed and not stop and not run.interrupted do
+        changed = false
+        for _, s in ipairs(steps) do
+          if s.status == "pending" then
+            local ready, blocked = true, nil
+            for _, n in ipairs(s.needs) do
+              local st = by_id[n].status
+              if st == "failed" or st == "not-run" or st == "interrupted" then
+                blocked = n
+              elseif st ~= "succeeded" and st ~= "skipped" then
+                ready = false
+              end
+            end
+            if blocked then
+              s.status, s.error, changed = "not-run", "it needs " .. blocked .. ", which did not succeed", true
+              run.record(s)
+            elseif ready and running < run.jobs then
+              running = running + 1
+              changed = true
+              s.status = "running"
+              s.task = sched.spawn(function()
+                execute(run, s)
+                finished[#finished + 1] = s
+                if waiting then sched.wake(me) end
+              end)
+            end
+          end
+        end
+      end
+      if running == 0 then break end
+      while #finished == 0 and not run.interrupted do
+        waiting = true
+        sched.suspend()
+        waiting = false
+      end
+      if run.interrupted then
+        for _, s in ipairs(steps) do
+          if s.status == "running" then
+            s.status, s.error, s.finished = "interrupted", "interrupted by " .. run.interrupted, time.now()
+            if s.step then s.log_tail = table.concat(s.step.tail, "\n") end
+            run.record(s)
+          end
+        end
+        break
+      end
+      local s = table.remove(finished, 1)
+      running = running - 1
+      if s.status == "failed" and run.fail_fast then stop = true end
+    end
+    for _, s in ipairs(steps) do
+      if s.status == "pending" then
+        s.status = "not-run"
+        s.error = s.error or (run.interrupted and "the run was interrupted" or "an earlier step failed (fail-fast)")
+        run.record(s)
+      end
+    end
+
+    local status, code = "succeeded", 0
+    for _, s in ipairs(steps) do
+      if s.status == "failed" or s.status == "not-run" then status, code = "failed", 1 end
+    end
+    if run.interrupted then
+      status = "interrupted"
+      code = 128 + (run.interrupted == "SIGINT" and 2 or 15)
+    end
+    run.status = status
+    if db then history.finish_run(db, run.run_id, status) end
+    summary(run, out)
+    if run.run_id then
+      out:write(string.format("\nrun %d %s\n", run.run_id, status))
+    elseif run.dry_run then
+      out:write("\ndry run: nothing was run\n")
+    end
+    out:flush()
+    release()
+    if db then db:close() end
+    return code, run
+  end, traceback)
+  if not ok then
+    if failure.is(code) then
+      log.error(failure.message(code))
+      return 1
+    end
+    error(code, 0)
+  end
+  return code, run
+end
+
+return deploy

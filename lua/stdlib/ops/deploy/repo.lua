@@ -1,0 +1,250 @@
+-- ops.deploy.repo: an operations repository as BitOps lays it out.
+--   <repo>/<env>/                 an environment (any top-level folder but _default and dot-folders)
+--   <repo>/<env>/bitops.config.yaml   bitops.deployments (order, plugin per folder), fail_fast, logging
+--   <repo>/<env>/<tool>/          terraform/, ansible/, helm/, cloudformation/ (or any folder a
+--                                 deployment names, with a plugin)
+--   <repo>/_default/<tool>/       merged into every environment's tool folder
+local fs = require "ops.fs"
+local yaml = require "ops.yaml"
+local proc = require "ops.proc"
+local config = require "ops.deploy.config"
+local failure = require "ops.deploy.failure"
+local modules = require "ops.core.modules"
+
+local repo = {}
+
+repo.DEFAULT_ORDER = {"terraform", "ansible", "helm", "cloudformation"}
+repo.DEFAULT_DIR = "_default"
+
+local function is_dir(path)
+  local st = fs.stat(path)
+  return st ~= nil and st.type == "directory"
+end
+
+--- repo.environments(root) -> sorted names
+function repo.environments(root)
+  local names, err = fs.list(root)
+  if not names then failure.raise("cannot read the operations repo: " .. err) end
+  local out = {}
+  for _, name in ipairs(names) do
+    if name:sub(1, 1) ~= "." and name ~= repo.DEFAULT_DIR and is_dir(fs.join(root, name)) then
+      out[#out + 1] = name
+    end
+  end
+  return out
+end
+
+--- repo.env_config(root, env) -> the environment's bitops settings ({} when absent)
+function repo.env_config(root, env)
+  local shown = env .. "/bitops.config.yaml"
+  local file = config.load_yaml(fs.join(root, env, "bitops.config.yaml"), shown)
+  local default = config.load_yaml(fs.join(root, repo.DEFAULT_DIR, "bitops.config.yaml"),
+    repo.DEFAULT_DIR .. "/bitops.config.yaml")
+  local merged = config.deep_merge(default or {}, file or {})
+  local b = merged.bitops
+  if b ~= nil and type(b) ~= "table" then failure.raise(shown .. ": bitops must be a mapping") end
+  b = b or {}
+  -- keep the document order of the deployments the environment's own file gave
+  local order_src = file and file.bitops and file.bitops.deployments or (b.deployments)
+  return b, order_src, shown
+end
+
+local function known_tool(name)
+  return type(name) == "string" and name:match("^[%w_%-]+$") and modules.locate("tools." .. name) ~= nil
+end
+
+local function tool_names()
+  local out = {}
+  for _, name in ipairs(modules.list()) do
+    local t = name:match("^tools%.([%w_]+)$")
+    if t and t ~= "deploy" and t ~= "runs" then out[#out + 1] = t end
+  end
+  return table.concat(out, ", ")
+end
+
+--- repo.plan_env(root, env) -> steps, settings
+--- steps: {{id, env, tool, folder}} in deployment order; settings: the env's bitops table
+function repo.plan_env(root, env)
+  local env_dir = fs.join(root, env)
+  if not is_dir(env_dir) then
+    local envs = repo.environments(root)
+    failure.raise(string.format("environment '%s' not found in %s (environments: %s)", env, root,
+      #envs > 0 and table.concat(envs, ", ") or "none"))
+  end
+  local settings, deployments, shown = repo.env_config(root, env)
+  local steps = {}
+  if deployments ~= nil then
+    if type(deployments) ~= "table" or config.is_sequence(deployments) then
+      failure.raise(shown .. ": bitops.deployments must be a mapping of folder: {plugin: tool}")
+    end
+    for _, folder in ipairs(yaml.keys(deployments)) do
+      local d = deployments[folder]
+      if type(folder) ~= "string" or not folder:match("^[%w_%.%-]+$") or folder == ".." or folder == "." then
+        failure.raise(string.format("%s: bitops.deployments: '%s' is not a folder name", shown, tostring(folder)))
+      end
+      local plugin = type(d) == "table" and d.plugin or nil
+      if plugin == nil and known_tool(folder) then plugin = folder end
+      if plugin == nil then
+        failure.raise(string.format("%s: bitops.deployments.%s needs a plugin: (one of %s)", shown, folder, tool_names()))
+      end
+      if not known_tool(plugin) then
+        failure.raise(string.format("%s: bitops.deployments.%s.plugin: unknown plugin '%s' (known: %s)",
+          shown, folder, tostring(plugin), tool_names()))
+      end
+      if not is_dir(fs.join(env_dir, folder)) then
+        failure.raise(string.format("%s: bitops.deployments.%s: there is no folder %s/%s", shown, folder, env, folder))
+      end
+      steps[#steps + 1] = {id = env .. "/" .. folder, env = env, tool = plugin, folder = folder}
+    end
+  else
+    for _, tool in ipairs(repo.DEFAULT_ORDER) do
+      if is_dir(fs.join(env_dir, tool)) then
+        steps[#steps + 1] = {id = env .. "/" .. tool, env = env, tool = tool, folder = tool}
+      end
+    end
+  end
+  return steps, settings
+end
+
+local MERGED = {["bitops.config.yaml"] = true, ["bitops.config.yml"] = true}
+local function merges_as_yaml(name)
+  return MERGED[name] or name:match("^values.*%.ya?ml$") ~= nil
+end
+
+--- repo.merge_default(default_dir, target_dir) : files of default_dir missing in target_dir
+--- are copied; bitops.config.yaml and values*.yaml present in both are deep-merged (the
+--- environment wins); every other file of the environment is kept as it is.
+function repo.merge_default(default_dir, target_dir)
+  local entries, err = fs.walk(default_dir)
+  if not entries then failure.raise("cannot read " .. default_dir .. ": " .. err) end
+  for _, e in ipairs(entries) do
+    local src, dst = fs.join(default_dir, e.path), fs.join(target_dir, e.path)
+    if e.type == "directory" then
+      if not fs.exists(dst) then assert(fs.mkdir_p(dst)) end
+    elseif e.type == "file" then
+      if not fs.exists(dst) then
+        assert(fs.copy(src, dst))
+      elseif merges_as_yaml(fs.basename(e.path)) then
+        local base = config.load_yaml(src, src)
+        local over = config.load_yaml(dst, dst)
+        assert(fs.write_atomic(dst, yaml.dump(config.deep_merge(base or {}, over or {}))))
+      end
+    end
+  end
+end
+
+--- repo.working_copy(root, env, workdir) -> path of the environment's copy, _default merged
+function repo.working_copy(root, env, workdir)
+  local dst = fs.join(workdir, env)
+  local ok, err = fs.copy_tree(fs.join(root, env), dst)
+  if not ok then failure.raise("cannot copy environment '" .. env .. "': " .. err) end
+  local default = fs.join(root, repo.DEFAULT_DIR)
+  if is_dir(default) then
+    for _, name in ipairs(assert(fs.list(default))) do
+      local from = fs.join(default, name)
+      if is_dir(from) and is_dir(fs.join(dst, name)) then repo.merge_default(from, fs.join(dst, name)) end
+    end
+    local env_cfg = fs.join(default, "bitops.config.yaml")
+    if fs.exists(env_cfg) then
+      local target = fs.join(dst, "bitops.config.yaml")
+      if fs.exists(target) then
+        local merged = config.deep_merge(config.load_yaml(env_cfg) or {}, config.load_yaml(target) or {})
+        assert(fs.write_atomic(target, yaml.dump(merged)))
+      else
+        assert(fs.copy(env_cfg, target))
+      end
+    end
+  end
+  return dst
+end
+
+--- repo.changed_environments(root, rev) -> set of environment names whose files (or
+--- _default's) differ between rev and the working tree; "_default" marks all.
+function repo.changed_environments(root, rev)
+  if type(rev) ~= "string" or rev == "" or rev:sub(1, 1) == "-" then
+    failure.raise("--changed-since needs a revision (a commit, tag or branch), not '" .. tostring(rev) .. "'")
+  end
+  local r, err = proc.run({"git", "-C", root, "diff", "--name-only", "--no-renames", rev, "--"}, {timeout = 120})
+  if not r then failure.raise("--changed-since: " .. err) end
+  if not r.ok then
+    failure.raise("--changed-since " .. rev .. ": git diff failed: " .. (r.stderr:gsub("%s+$", "")))
+  end
+  -- untracked files count as changes too
+  local u = proc.run({"git", "-C", root, "ls-files", "--others", "--exclude-standard"}, {timeout = 120})
+  local changed = {}
+  for _, out in ipairs({r.stdout, u and u.ok and u.stdout or ""}) do
+    for path in out:gmatch("[^\n]+") do
+      local top = path:match("^([^/]+)/")
+      if top then changed[top] = true end
+    end
+  end
+  return changed
+end
+
+--- repo.mask_patterns(masks, shown) -> {{pattern, replacement}} from bitops.logging.masks
+--- (BitOps gives Python regexes: the common subset is translated to Lua patterns)
+function repo.mask_patterns(masks, shown)
+  local out = {}
+  if masks == nil then return out end
+  if type(masks) ~= "table" then failure.raise(shown .. ": bitops.logging.masks must be a list") end
+  for i, m in ipairs(masks) do
+    local where = string.format("%s: bitops.logging.masks[%d]", shown, i)
+    if type(m) ~= "table" then failure.raise(where .. " must be a mapping with search: (and replace:)") end
+    local pattern
+    if type(m.pattern) == "string" then
+      pattern = m.pattern
+    elseif type(m.search) == "string" then
+      pattern = repo.regex_to_pattern(m.search, where)
+    else
+      failure.raise(where .. " needs search: (a regex) or pattern: (a Lua pattern)")
+    end
+    local ok, err = pcall(string.find, "", pattern)
+    if not ok then failure.raise(where .. ": bad pattern: " .. tostring(err)) end
+    out[#out + 1] = {pattern, type(m.replace) == "string" and m.replace or "***"}
+  end
+  return out
+end
+
+--- repo.regex_to_pattern(re, where) -> a Lua pattern for the common regex subset:
+--- literals, ., [...] classes, \d \w \s \. escapes, * + ? quantifiers, ^ and $.
+function repo.regex_to_pattern(re, where)
+  local out, i, n = {}, 1, #re
+  local function unsupported(what)
+    failure.raise(string.format("%s: the regex %q uses %s, which opsrun cannot translate; give a Lua pattern as pattern: instead", where, re, what))
+  end
+  while i <= n do
+    local c = re:sub(i, i)
+    if c == "\\" then
+      local e = re:sub(i + 1, i + 1)
+      local map = {d = "%d", w = "[%w_]", s = "%s", D = "%D", W = "[^%w_]", S = "%S"}
+      if map[e] then out[#out + 1] = map[e]
+      elseif e:match("%p") then out[#out + 1] = "%" .. e
+      else unsupported("\\" .. e) end
+      i = i + 2
+    elseif c == "[" then
+      local j = re:find("]", i + 2, true)
+      if not j then unsupported("an unclosed [") end
+      local class = re:sub(i, j):gsub("\\d", "%%d"):gsub("\\w", "%%w_"):gsub("\\s", "%%s"):gsub("\\(%p)", "%%%1")
+      out[#out + 1] = class
+      i = j + 1
+    elseif c == "(" or c == ")" or c == "|" or c == "{" then
+      unsupported("'" .. c .. "'")
+    elseif c == "*" or c == "+" or c == "?" then
+      if re:sub(i + 1, i + 1) == "?" then c = (c == "*") and "-" or c; i = i + 1 end
+      out[#out + 1] = c
+      i = i + 1
+    elseif c == "." or c == "^" or c == "$" then
+      out[#out + 1] = (c == "^" and i ~= 1) and "%^" or (c == "$" and i ~= n) and "%$" or c
+      i = i + 1
+    elseif c:match("%p") then
+      out[#out + 1] = "%" .. c
+      i = i + 1
+    else
+      out[#out + 1] = c
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
+return repo

@@ -1,0 +1,149 @@
+-- ops.deploy.step: what a driver and a hook see of one step (docs/drivers.md).
+local fs = require "ops.fs"
+local proc = require "ops.proc"
+local log = require "ops.log"
+local failure = require "ops.deploy.failure"
+
+local Step = {}
+Step.__index = Step
+
+local TAIL_LINES = 60
+
+--- Step.new(fields) -> step ; fields: id, env, tool, folder, dir, env_dir, repo, workdir,
+--- dry_run, vars, outputs, exports (run-wide variables), private_dir, timeout, out (dry-run writer)
+function Step.new(f)
+  local s = setmetatable(f, Step)
+  s.vars = s.vars or {}
+  s.outputs = s.outputs or {}
+  s.exports = s.exports or {}
+  s.commands = {}
+  s.tail = {}
+  s.log = log.with({step = s.id})
+  return s
+end
+
+local function quote(arg)
+  if arg == "" then return "''" end
+  if arg:match("^[%w_@%%+=:,./%-]+$") then return arg end
+  return "'" .. arg:gsub("'", "'\\''") .. "'"
+end
+
+--- step.command_line(argv) -> a shell-quoted rendering, for people (never run by a shell)
+function Step.command_line(argv)
+  local parts = {}
+  for i, a in ipairs(argv) do parts[i] = quote(tostring(a)) end
+  return table.concat(parts, " ")
+end
+
+function Step:remember(line)
+  local t = self.tail
+  t[#t + 1] = log.redact(line)
+  if #t > TAIL_LINES then table.remove(t, 1) end
+end
+
+--- step:output_line(line, stream) : one line of a command's output, to the log and the tail
+function Step:output_line(line, stream)
+  self:remember(line)
+  if stream == "stderr" then
+    self.log.info(line, {stream = "stderr"})
+  else
+    self.log.info(line)
+  end
+end
+
+local function env_for(self, extra)
+  local env = {}
+  for k, v in pairs(self.exports) do env[k] = v end
+  for k, v in pairs(self.vars) do env[k] = v end
+  for k, v in pairs(extra or {}) do env[k] = v end
+  return env
+end
+
+--- step:run(argv, opts) -> result (see docs/drivers.md)
+function Step:run(argv, opts)
+  opts = opts or {}
+  local cwd = opts.cwd or self.dir
+  local env = env_for(self, opts.env)
+  self.commands[#self.commands + 1] = argv
+  if self.dry_run then
+    local out = self.out or io.stdout
+    out:write(log.redact(string.format("[%s] would run: %s\n    in: %s\n", self.id, Step.command_line(argv), cwd)))
+    local names = {}
+    for k in pairs(self.vars) do names[#names + 1] = k end
+    for k in pairs(opts.env or {}) do if self.vars[k] == nil then names[#names + 1] = k end end
+    table.sort(names)
+    for _, k in ipairs(names) do
+      out:write(log.redact(string.format("    env: %s=%s\n", k, tostring(env[k]))))
+    end
+    out:flush()
+    return {ok = true, code = 0, stdout = "", stderr = "", dry_run = true, duration = 0}
+  end
+  self.log.debug("running " .. Step.command_line(argv), {cwd = cwd})
+  local stdout = opts.quiet and "capture" or function(line) self:output_line(line, "stdout") end
+  local res, err, code = proc.run(argv, {
+    cwd = cwd, env = env, stdin = opts.stdin, timeout = opts.timeout or self.timeout,
+    stdout = stdout, stderr = function(line) self:output_line(line, "stderr") end,
+  })
+  if not res then
+    if code == "ENOENT" and err:find("command not found", 1, true) then
+      self:fail(string.format("%s: command not found (is %s installed and on PATH?)", argv[1], argv[1]))
+    end
+    self:fail(err)
+  end
+  self.last_code = res.code
+  return res
+end
+
+local function describe_end(res)
+  if res.timed_out then return "timed out" end
+  if res.signal then return "was killed by " .. res.signal end
+  return "exited with " .. tostring(res.code)
+end
+
+--- step:check(argv, opts) -> result, failing the step unless the command succeeded
+function Step:check(argv, opts)
+  local res = self:run(argv, opts)
+  if not res.ok then
+    local tail = {}
+    for i = math.max(1, #self.tail - 4), #self.tail do tail[#tail + 1] = self.tail[i] end
+    local name = argv[1] .. ((argv[2] and not argv[2]:match("^%-")) and (" " .. argv[2]) or "")
+    self:fail(string.format("%s failed: it %s%s", name, describe_end(res),
+      #tail > 0 and (":\n    " .. table.concat(tail, "\n    ")) or ""))
+  end
+  return res
+end
+
+--- step:fail(message) : fails the step with a message for the user
+function Step:fail(message)
+  failure.raise(message)
+end
+
+--- step:path(rel) -> absolute path inside step.dir (no .. or symlink escapes)
+function Step:path(rel)
+  local p, err = fs.within(self.dir, rel)
+  if not p then self:fail(string.format("%s: %s", self.id, err)) end
+  return p
+end
+
+--- step:private_file(name, content) -> path of a 0600 file removed with the run
+function Step:private_file(name, content)
+  if type(name) ~= "string" or name == "" or name:find("/", 1, true) or name:sub(1, 1) == "." then
+    error("step:private_file: name must be a plain file name", 2)
+  end
+  local path = fs.join(self.private_dir, name)
+  local ok, err = fs.write_atomic(path, content, "0600")
+  if not ok then self:fail("cannot write " .. path .. ": " .. err) end
+  return path
+end
+
+--- step:secret(value) -> value, masked in all output from now on
+function Step:secret(value)
+  return log.secret(value)
+end
+
+--- step:export(name, value) : a variable for this step and every later step of the run
+function Step:export(name, value)
+  self.exports[name] = tostring(value)
+end
+
+return Step
