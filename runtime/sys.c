@@ -124,8 +124,8 @@ void ops_signals_install(lua_State *L) {
   lua_pop(L, 1);
 }
 
-/* sys.on_signal(name, fn | nil) : fn(name) runs in a new task on each delivery; nil
- * restores the default */
+/* sys.on_signal(name, fn | nil) -> previous handler | nil : fn(name) runs in a new task
+ * on each delivery; nil restores the default */
 static int l_on_signal(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   int signum = signum_of(name);
@@ -135,9 +135,10 @@ static int l_on_signal(lua_State *L) {
   int rc = watch(signum);
   if (rc != 0) return luaL_error(L, "cannot watch %s: %s", name, uv_strerror(rc));
   lua_getfield(L, LUA_REGISTRYINDEX, HANDLERS_KEY);
+  lua_rawgeti(L, -1, signum);
   lua_pushvalue(L, 2);
-  lua_rawseti(L, -2, signum);
-  return 0;
+  lua_rawseti(L, -3, signum);
+  return 1;
 }
 
 /* sys.kill(pid, name) -> true | nil, err, code */

@@ -15,6 +15,7 @@ usage: opsrun [options] SCRIPT.lua [args...]   run a Lua script (it gets `arg` a
 commands:
   deploy [options]   deploy environments of an operations repo (opsrun deploy --help)
   runs [show ID]     the history of deploys
+  serve [options]    the push-to-deploy webhook receiver (opsrun serve --help)
   which MODULE       where `require "MODULE"` would load it from
   help               this text
 
@@ -37,7 +38,7 @@ local commands = {}
 
 -- Commands written as modules (lua/tools/<name>.lua, overridable like any module):
 -- each has main(args, cli) -> exit code.
-local MODULE_COMMANDS = {deploy = "tools.deploy", runs = "tools.runs"}
+local MODULE_COMMANDS = {deploy = "tools.deploy", runs = "tools.runs", serve = "tools.serve"}
 for name, mod in pairs(MODULE_COMMANDS) do
   commands[name] = function(args) return require(mod).main(args, cli) end
 end

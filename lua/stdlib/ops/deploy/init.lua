@@ -215,7 +215,8 @@ end
 --- opts: repo (folder), steps (from deploy.plan, or written by hand: {id, env, tool, folder|dir,
 --- needs}), or envs (planned here); jobs (default 4), fail_fast (default true, or the
 --- environments' bitops.fail_fast), dry_run, store (path), timeout (seconds per command),
---- trigger, delivery, out (where the summary and dry-run go; io.stdout)
+--- trigger, delivery, out (where the summary and dry-run go; io.stdout), handle_signals
+--- (default true: SIGINT/SIGTERM interrupt the run)
 function deploy.run(opts)
   local out = opts.out or io.stdout
   local ok, code, run = xpcall(function()
@@ -315,11 +316,21 @@ function deploy.run(opts)
       end
       if waiting then sched.wake(me) end
     end
-    sys.on_signal("SIGINT", interrupt)
-    sys.on_signal("SIGTERM", interrupt)
+    -- (opsrun serve runs several deploys at once and handles signals itself)
+    local previous = {}
+    if opts.handle_signals ~= false then
+      previous.SIGINT = sys.on_signal("SIGINT", interrupt)
+      previous.SIGTERM = sys.on_signal("SIGTERM", interrupt)
+    end
     local signals <close> = setmetatable({}, {__close = function()
-      sys.on_signal("SIGINT", nil)
-      sys.on_signal("SIGTERM", nil)
+      if opts.handle_signals ~= false then
+        sys.on_signal("SIGINT", previous.SIGINT)
+        sys.on_signal("SIGTERM", previous.SIGTERM)
+      end
+      -- the runner itself was cancelled: its steps go with it
+      for _, s in ipairs(steps) do
+        if s.status == "running" and s.task then s.task:cancel() end
+      end
     end})
 
     local running, stop = 0, false
