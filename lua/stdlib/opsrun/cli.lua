@@ -89,10 +89,10 @@ end
 
 --- cli.main(argv) -> exit code ; argv[0] is the program, argv[1..] its arguments
 function cli.main(argv)
-  local log = require "ops.log"
   cli.set_repo(nil)
+  -- modules load on first use: `opsrun -e ''` should cost little more than lua itself
   modules.set_reporter(function(name, path)
-    log.info("module '" .. name .. "' comes from " .. path .. " (it shadows the built-in)")
+    require("ops.log").info("module '" .. name .. "' comes from " .. path .. " (it shadows the built-in)")
   end)
   local codes, i, n = {}, 1, #argv
   while i <= n do
@@ -113,6 +113,7 @@ function cli.main(argv)
       if a == "--repo" then
         cli.set_repo(v)
       else
+        local log = require "ops.log"
         local ok, err = pcall(a == "--log-format" and log.set_format or log.set_level, v)
         if not ok then return usage_error(tostring(err):gsub("^.-:%d+: ", "")) end
       end
