@@ -1,10 +1,14 @@
--- tools.ansible: the Ansible driver. Stages: environment (the extra_env file), playbooks,
--- flags, playbook; deploy runs ansible-playbook for each playbook in order.
+-- tools.ansible: the Ansible driver, configured as BitOps' ansible plugin is
+-- (docs/parts/ansible.md). Stages: environment (the extra_env file), playbooks, flags,
+-- run_env, playbook; deploy runs ansible-playbook for each playbook in order. Each is a
+-- method a repo may override in .opsrun/tools/ansible.lua (docs/drivers.md).
 local fs = require "ops.fs"
 local yaml = require "ops.yaml"
 
 local M = {}
 
+-- Based on bitops-plugins/ansible bitops.schema.yaml; the differences are in
+-- docs/parts/ansible.md.
 M.schema = {
   cli = {
     ["main-playbook"] = {type = "list", export_env = "ANSIBLE_MAIN_SCRIPT"},
@@ -19,79 +23,171 @@ M.schema = {
   options = {
     dryrun = {type = "boolean", default = false, export_env = "ANSIBLE_DRYRUN"},
     ["skip-deploy"] = {type = "boolean", export_env = "ANSIBLE_SKIP_DEPLOY"},
+    -- no export_env: ANSIBLE_VERBOSITY is ansible's own variable and passes through as it is,
+    -- while this key, when set, overrides it (as BitOps documents)
     verbosity = {type = "number"},
   },
 }
 
---- environment: KEY=VALUE lines of the folder's extra_env file join the step's variables
+-- One line of an extra_env file -> key, value | nil (blank or comment) | false, why.
+-- The forms bash's `source` reads the same way: [export] KEY=value, KEY="value" (with \" \\
+-- \$ \` escapes), KEY='value', a # comment after the value. Nothing is expanded.
+local function env_line(line)
+  local body = line:gsub("^%s+", "")
+  if body == "" or body:sub(1, 1) == "#" then return nil end
+  body = body:gsub("^export%s+", "")
+  local key, rest = body:match("^([%a_][%w_]*)=(.*)$")
+  if not key then return false, "expected KEY=VALUE" end
+  local value
+  local quote = rest:sub(1, 1)
+  if quote == '"' then
+    local out, i = {}, 2
+    while true do
+      local c = rest:sub(i, i)
+      if c == "" then return false, "the double quote is not closed" end
+      if c == '"' then break end
+      local nextc = rest:sub(i + 1, i + 1)
+      if c == "\\" and nextc:match('["\\$`]') then
+        out[#out + 1] = nextc
+        i = i + 2
+      else
+        out[#out + 1] = c
+        i = i + 1
+      end
+    end
+    value, rest = table.concat(out), rest:sub(i + 1)
+  elseif quote == "'" then
+    local close = rest:find("'", 2, true)
+    if not close then return false, "the single quote is not closed" end
+    value, rest = rest:sub(2, close - 1), rest:sub(close + 1)
+  else
+    value, rest = rest:match("^(%S*)(.*)$")
+  end
+  if not rest:match("^%s*$") and not rest:match("^%s+#") then
+    return false, "unexpected text after the value (quote a value that has spaces)"
+  end
+  return key, value
+end
+
+--- environment(step): the variables of the folder's extra_env file join step.vars, so
+--- ansible-playbook and the after-hooks see them
 function M:environment(step)
   local path = fs.join(step.dir, "extra_env")
   if not fs.exists(path) then return end
   local text, err = fs.read(path)
   if not text then step:fail("cannot read " .. step.id .. "/extra_env: " .. err) end
   local n = 0
-  for line in text:gmatch("[^\n]+") do
+  for line in (text .. "\n"):gmatch("(.-)\r?\n") do
     n = n + 1
-    line = line:gsub("\r$", "")
-    if not line:match("^%s*#") and not line:match("^%s*$") then
-      local k, v = line:match("^%s*export%s+([%a_][%w_]*)=(.*)$")
-      if not k then k, v = line:match("^%s*([%a_][%w_]*)=(.*)$") end
-      if not k then step:fail(string.format("%s/extra_env:%d: expected KEY=VALUE, got %q", step.id, n, line)) end
-      v = v:match('^"(.*)"$') or v:match("^'(.*)'$") or v
-      step.vars[k] = v
+    local key, value = env_line(line)
+    if key == false then
+      step:fail(string.format("%s/extra_env:%d: %s, got %q (write KEY=value, KEY=\"value\" or "
+        .. "export KEY=value)", step.id, n, value, line))
+    elseif key then
+      step.vars[key] = value
     end
   end
 end
 
-local function is_playbook(path)
-  local doc = yaml.load_file(path)
-  return type(doc) == "table" and #doc > 0
+local PLAY_KEYS = {"hosts", "import_playbook", "ansible.builtin.import_playbook"}
+
+local function is_list(t)
+  if type(t) ~= "table" or #t == 0 then return false end
+  for k in pairs(t) do
+    if math.type(k) ~= "integer" then return false end
+  end
+  return true
 end
 
---- playbooks: cli.main-playbook (one or a list), else every *.yaml/*.yml playbook of the
---- folder (a YAML list of plays) in name order
+-- A playbook is a YAML list of plays; a play is a mapping with hosts: (or an import_playbook:).
+-- Vars files, inventories and requirements.yml are not.
+local function is_playbook(step, name)
+  local doc, err = yaml.load_file(fs.join(step.dir, name))
+  if doc == nil then
+    step:fail(string.format("%s/%s is not valid YAML: %s (fix it, or name the playbooks to run in "
+      .. "cli.main-playbook)", step.id, name, err))
+  end
+  if not is_list(doc) then return false end
+  for _, play in ipairs(doc) do
+    if type(play) ~= "table" or is_list(play) then return false end
+    local found = false
+    for _, k in ipairs(PLAY_KEYS) do
+      if play[k] ~= nil then found = true end
+    end
+    if not found then return false end
+  end
+  return true
+end
+
+--- playbooks(step) -> names relative to step.dir: cli.main-playbook (one or a list), else
+--- every *.yaml/*.yml playbook of the folder in name order
 function M:playbooks(step)
   local named = step.config.cli["main-playbook"]
   if named and #named > 0 then
-    local out = {}
     for _, p in ipairs(named) do
-      local abs = step:path(p)
-      if not fs.exists(abs) then
-        step:fail(string.format("cli.main-playbook names %s, which is not in %s (%s)", p, step.id, step.config_file))
+      local st = fs.stat(step:path(p))
+      if not st or st.type ~= "file" then
+        step:fail(string.format("cli.main-playbook names %s, which is not a file in %s (%s)", p, step.id,
+          step.config_file))
       end
-      out[#out + 1] = p
     end
-    return out
+    return named
   end
   local out = {}
   for _, name in ipairs(assert(fs.list(step.dir))) do
-    if name:match("%.ya?ml$") and not name:match("^bitops%.config%.ya?ml$") and is_playbook(fs.join(step.dir, name)) then
+    local st = fs.stat(fs.join(step.dir, name))
+    if name:match("%.ya?ml$") and name:sub(1, 1) ~= "." and not name:match("^bitops%.config%.ya?ml$")
+        and st and st.type == "file" and is_playbook(step, name) then
       out[#out + 1] = name
     end
   end
-  if #out == 0 then step:fail("no playbook in " .. step.id .. " (a .yaml file holding a list of plays), and no cli.main-playbook") end
+  if #out == 0 then
+    step:fail("no playbook in " .. step.id .. " (a .yaml file holding a list of plays), and no "
+      .. "cli.main-playbook (" .. step.config_file .. ")")
+  end
   return out
 end
 
+--- flags(step) -> the ansible-playbook flags of the config, the same for every playbook
 function M:flags(step)
   local c, o = step.config.cli, step.config.options
   local f = {}
-  if c.inventory then f[#f + 1] = "--inventory"; f[#f + 1] = c.inventory end
-  for _, v in ipairs(c["extra-vars"] or {}) do f[#f + 1] = "--extra-vars"; f[#f + 1] = v end
-  if c.tags then f[#f + 1] = "--tags"; f[#f + 1] = c.tags end
-  if c["skip-tags"] then f[#f + 1] = "--skip-tags"; f[#f + 1] = c["skip-tags"] end
-  if c.forks then f[#f + 1] = "--forks"; f[#f + 1] = tostring(math.tointeger(c.forks) or c.forks) end
-  if c["flush-cache"] then f[#f + 1] = "--flush-cache" end
-  if c["force-handlers"] then f[#f + 1] = "--force-handlers" end
-  if o.dryrun then f[#f + 1] = "--check" end
-  if o.verbosity and o.verbosity > 0 then f[#f + 1] = "-" .. string.rep("v", math.min(6, math.floor(o.verbosity))) end
+  local function add(...) for _, a in ipairs({...}) do f[#f + 1] = a end end
+  if c.inventory then add("--inventory", c.inventory) end
+  for _, v in ipairs(c["extra-vars"] or {}) do add("--extra-vars", v) end
+  if c.tags then add("--tags", c.tags) end
+  if c["skip-tags"] then add("--skip-tags", c["skip-tags"]) end
+  if c.forks then
+    local n = math.tointeger(c.forks)
+    if not n or n < 1 then
+      step:fail(string.format("cli.forks must be a whole number of at least 1, not %s (%s)",
+        tostring(c.forks), step.config_file))
+    end
+    add("--forks", tostring(n))
+  end
+  if c["flush-cache"] then add("--flush-cache") end
+  if c["force-handlers"] then add("--force-handlers") end
+  if o.dryrun then add("--check") end
   return f
+end
+
+--- run_env(step) -> variables for ansible-playbook alone: ANSIBLE_VERBOSITY from
+--- options.verbosity, which then wins over one in the environment or extra_env
+function M:run_env(step)
+  local v = step.config.options.verbosity
+  if v == nil then return nil end
+  local n = math.tointeger(v)
+  if not n or n < 0 or n > 6 then
+    step:fail(string.format("options.verbosity must be a whole number from 0 to 6 (the number of -v), "
+      .. "not %s (%s)", tostring(v), step.config_file))
+  end
+  return {ANSIBLE_VERBOSITY = tostring(n)}
 end
 
 function M:playbook(step, playbook)
   local argv = {"ansible-playbook", playbook}
   for _, a in ipairs(self:flags(step)) do argv[#argv + 1] = a end
-  step:check(argv)
+  step:check(argv, {env = self:run_env(step)})
 end
 
 function M:deploy(step)

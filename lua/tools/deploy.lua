@@ -23,7 +23,8 @@ options:
   --only STEP         only these steps (ENV/FOLDER, FOLDER or TOOL; repeatable)
   --skip STEP         not these steps (same forms; repeatable)
   --changed-since REV only the environments whose files (or _default's) changed since
-                      REV (git diff --name-only)
+                      REV (git diff, uncommitted and untracked files included); without
+                      --env, any environment of the repo
   --timeout SECONDS   stop any single command that runs longer
   --store PATH        the state store (default $OPSRUN_STORE or ~/.local/state/opsrun/opsrun.db)
   -h, --help          this text

@@ -1,32 +1,50 @@
--- tools.terraform: the Terraform driver. Stages: version, init, workspace, plan, apply,
--- destroy, outputs; deploy runs them for options.stack-action (plan, apply or destroy).
+-- tools.terraform: the Terraform driver, configured as BitOps' terraform plugin is
+-- (docs/parts/terraform.md). Stages: action, version, init, workspace, plan, apply, destroy,
+-- outputs; deploy runs them for the stack-action (plan, apply or destroy). Each is a method a
+-- repo may override in .opsrun/tools/terraform.lua (docs/drivers.md).
 local json = require "ops.json"
 
 local M = {}
 
+local ACTIONS = {"plan", "apply", "destroy"}
+
+-- Based on bitops-plugins/terraform bitops.schema.yaml; the differences are in
+-- docs/parts/terraform.md.
 M.schema = {
   cli = {
     ["var-file"] = {type = "list", export_env = "TF_VAR_FILE"},
     target = {type = "list", export_env = "TF_TARGET"},
     ["backend-config"] = {type = "list"},
     upgrade = {type = "boolean", default = false, export_env = "TERRAFORM_INIT_UPGRADE"},
-    -- BitOps documents stack-action under cli: in one place and options: in another
-    ["stack-action"] = {type = "string", enum = {"plan", "apply", "destroy"}},
+    -- the BitOps plugin's README puts stack-action here, its schema under options
+    ["stack-action"] = {type = "string", enum = ACTIONS},
   },
   options = {
-    ["stack-action"] = {type = "string", enum = {"plan", "apply", "destroy"}, export_env = "TERRAFORM_COMMAND"},
+    ["stack-action"] = {type = "string", enum = ACTIONS, export_env = "TERRAFORM_COMMAND"},
     workspace = {type = "string", export_env = "TERRAFORM_WORKSPACE"},
     version = {type = "string", export_env = "TERRAFORM_VERSION"},
     ["skip-deploy"] = {type = "boolean", export_env = "TERRAFORM_SKIP_DEPLOY"},
   },
 }
 
---- the action: cli.stack-action, else options.stack-action, else "plan" (BitOps' default)
-function M:action(step)
-  return step.config.cli["stack-action"] or step.config.options["stack-action"] or "plan"
+local function append(argv, extra)
+  for _, a in ipairs(extra) do argv[#argv + 1] = a end
+  return argv
 end
 
--- -var-file=F ... -target=T ... as terraform wants them
+--- action(step) -> "plan" | "apply" | "destroy": options.stack-action, else cli.stack-action,
+--- else plan. options wins because TERRAFORM_COMMAND (which BitOps pipelines export) lands
+--- there, and a variable must beat the file.
+function M:action(step)
+  local o, c = step.config.options["stack-action"], step.config.cli["stack-action"]
+  if o and c and o ~= c then
+    step.log.warn(string.format("options.stack-action is %s and cli.stack-action is %s: running %s "
+      .. "(options wins; remove one of them) (%s)", o, c, o, step.config_file))
+  end
+  return o or c or "plan"
+end
+
+--- plan_flags(step) -> {"-var-file=F", ..., "-target=T", ...} for plan, apply and destroy
 function M:plan_flags(step)
   local flags = {}
   for _, f in ipairs(step.config.cli["var-file"] or {}) do flags[#flags + 1] = "-var-file=" .. f end
@@ -34,22 +52,29 @@ function M:plan_flags(step)
   return flags
 end
 
-local function cmd(base, extra)
-  for _, a in ipairs(extra or {}) do base[#base + 1] = a end
-  return base
-end
-
---- version: with options.version, terraform must be that version (a prefix: "1.5" matches 1.5.7)
-function M:version(step)
-  local want = step.config.options.version
-  if not want or step.dry_run then return end
+local function installed_version(step)
   local r = step:check({"terraform", "version", "-json"}, {quiet = true})
   local info = json.decode(r.stdout)
-  local have = type(info) == "table" and info.terraform_version or (r.stdout:match("v(%d+%.%d+%.%d+)"))
-  if not have then step:fail("cannot tell terraform's version from `terraform version -json`") end
+  if type(info) == "table" and type(info.terraform_version) == "string" then return info.terraform_version end
+  -- terraform before 0.13 has no -json and prints "Terraform v0.12.29"
+  return r.stdout:match("v(%d+%.%d+%.%d+)")
+end
+
+--- version(step): with options.version, the terraform on PATH must be that version; "1.5"
+--- matches 1.5.0 and 1.5.7, not 1.50.0. Not checked in a dry run, which runs nothing.
+function M:version(step)
+  local want = step.config.options.version
+  if not want or want == "" or step.dry_run then return end
   local w = want:gsub("^v", "")
+  if not w:match("^%d+[%.%d]*$") or w:match("%.%.") or w:match("%.$") then
+    step:fail(string.format("options.version must be a version such as 1.5 or 1.5.7, not '%s' (%s)",
+      want, step.config_file))
+  end
+  local have = installed_version(step)
+  if not have then step:fail("cannot tell terraform's version from `terraform version -json`") end
   if have ~= w and have:sub(1, #w + 1) ~= w .. "." then
-    step:fail(string.format("terraform %s is installed, but options.version asks for %s (%s)", have, want, step.config_file))
+    step:fail(string.format("terraform %s is installed, but options.version asks for %s (%s): put "
+      .. "terraform %s first on PATH, or change options.version", have, want, step.config_file, w))
   end
 end
 
@@ -60,7 +85,7 @@ function M:init(step)
   step:check(argv)
 end
 
---- workspace: select it, or create it when it does not exist yet
+--- workspace(step): select options.workspace, or create it when select fails (it does not exist)
 function M:workspace(step)
   local ws = step.config.options.workspace
   if not ws or ws == "" then return end
@@ -70,15 +95,17 @@ function M:workspace(step)
 end
 
 function M:plan(step, destroy)
-  step:check(cmd({"terraform", "plan", "-input=false", destroy and "-destroy" or nil}, self:plan_flags(step)))
+  local argv = {"terraform", "plan", "-input=false"}
+  if destroy then argv[#argv + 1] = "-destroy" end
+  step:check(append(argv, self:plan_flags(step)))
 end
 
 function M:apply(step)
-  step:check(cmd({"terraform", "apply", "-input=false", "-auto-approve"}, self:plan_flags(step)))
+  step:check(append({"terraform", "apply", "-input=false", "-auto-approve"}, self:plan_flags(step)))
 end
 
 function M:destroy(step)
-  step:check(cmd({"terraform", "destroy", "-input=false", "-auto-approve"}, self:plan_flags(step)))
+  step:check(append({"terraform", "destroy", "-input=false", "-auto-approve"}, self:plan_flags(step)))
 end
 
 local function output_string(v)
@@ -87,24 +114,43 @@ local function output_string(v)
   return json.encode(v) or ""
 end
 
---- outputs: `terraform output -json` into step.outputs.terraform.<name> and, for later
---- steps and hooks, TF_OUTPUT_<NAME> (strings as they are, the rest as JSON)
+-- Masks every string inside a sensitive value.
+local function hide(step, v)
+  if type(v) == "string" then
+    step:secret(v)
+  elseif type(v) == "table" then
+    for _, item in pairs(v) do hide(step, item) end
+  end
+end
+
+--- outputs(step): `terraform output -json` into step.outputs.terraform.<name> (decoded) and,
+--- for this step's after-hooks and every later step, TF_OUTPUT_<NAME> (strings as they are,
+--- numbers and booleans as text, lists and maps as JSON). Sensitive values are masked.
 function M:outputs(step)
   local r = step:check({"terraform", "output", "-json"}, {quiet = true})
   if r.dry_run or r.stdout:match("^%s*$") then return end
-  local outs, err = json.decode(r.stdout)
+  local outs, err = json.decode(r.stdout, "terraform output -json")
   if type(outs) ~= "table" then step:fail("cannot read `terraform output -json`: " .. tostring(err)) end
   step.outputs.terraform = step.outputs.terraform or {}
   for name, o in pairs(outs) do
-    local value = type(o) == "table" and o.value
-    if o.sensitive and type(value) == "string" then step:secret(value) end
+    if type(o) ~= "table" or o.value == nil then
+      step:fail("cannot read `terraform output -json`: output " .. tostring(name) .. " has no value")
+    end
+    local value = o.value
+    local text = output_string(value)
+    if o.sensitive == true then
+      hide(step, value)
+      if type(value) ~= "string" then step:secret(text) end
+    end
     step.outputs.terraform[name] = value
-    step:export("TF_OUTPUT_" .. name:upper():gsub("[^%w]", "_"), output_string(value))
+    step:export("TF_OUTPUT_" .. name:upper():gsub("[^%w]", "_"), text)
   end
 end
 
 function M:deploy(step)
   local action = self:action(step)
+  -- the action as it was resolved, for the after-hooks (BitOps exported its default too)
+  step.vars.TERRAFORM_COMMAND = action
   self:version(step)
   self:init(step)
   self:workspace(step)
@@ -117,6 +163,9 @@ function M:deploy(step)
   elseif action == "destroy" then
     self:plan(step, true)
     self:destroy(step)
+  else
+    step:fail(string.format("stack-action must be one of plan, apply, destroy, not '%s' (%s)",
+      tostring(action), step.config_file))
   end
 end
 

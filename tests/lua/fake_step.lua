@@ -85,4 +85,9 @@ function Step:secret(v)
   return v
 end
 
+function Step:export(name, value)
+  self.exports = self.exports or {}
+  self.exports[name] = tostring(value)
+end
+
 return fake

@@ -87,13 +87,25 @@ local function alive(pid)
   return ok or code == "EPERM"
 end
 
+-- The locks this process holds, name -> run id: one process may run several deploys at once
+-- (tasks of a script, `opsrun serve`), so its pid alone does not tell whose a lock is.
+local held = {}
+
+-- A row of the locks table that no live run holds any more.
+local function stale(row, me, host)
+  if row.host ~= host then return false end
+  if row.pid == me then return held[row.name] == nil end
+  return not alive(row.pid)
+end
+
 --- history.lock(db, name, run_id) -> true | false, holder ({pid, host, run_id, started})
---- A lock whose process is gone (same host) is stale and taken over.
+--- A lock whose process is gone (same host), or that this process left behind, is stale
+--- and taken over.
 function history.lock(db, name, run_id)
   return db:transaction(function()
-    local row = db:query("SELECT pid, host, run_id, started FROM locks WHERE name = ?", name)[1]
+    local row = db:query("SELECT name, pid, host, run_id, started FROM locks WHERE name = ?", name)[1]
     local me, host = sys.pid(), sys.hostname()
-    if row and not (row.host == host and (row.pid == me or not alive(row.pid))) then
+    if row and not stale(row, me, host) then
       return false, row
     end
     if row then
@@ -101,11 +113,15 @@ function history.lock(db, name, run_id)
     else
       db:exec("INSERT INTO locks (name, pid, host, run_id, started) VALUES (?, ?, ?, ?, ?)", name, me, host, run_id, now())
     end
+    held[name] = run_id
     return true, row
   end)
 end
 
-function history.unlock(db, name)
+--- history.unlock(db, name, run_id) : releases a lock this process holds for that run
+function history.unlock(db, name, run_id)
+  if run_id ~= nil and held[name] ~= run_id then return end
+  held[name] = nil
   db:exec("DELETE FROM locks WHERE name = ? AND pid = ? AND host = ?", name, sys.pid(), sys.hostname())
 end
 

@@ -4,8 +4,17 @@
 --   local deploy = require "ops.deploy"
 --   local code = deploy.run{repo = ".", envs = {"prod"}, jobs = 4}
 --
--- Each run works in a copy of the environments it deploys (with _default merged in), holds
--- a lock per environment, and is recorded, step by step, in the store.
+-- Each run works in a copy of the environments it deploys, holds a lock per environment, and
+-- is recorded, step by step, in the store (a dry run takes no lock and records nothing).
+--
+-- _default, merged into each copy (repo.working_copy, repo.merge_default):
+--   _default/<folder>/ goes into the environment's <folder>/ when the environment has one;
+--   a file only _default has is copied; bitops.config.yaml and values*.yaml in both are
+--   deep-merged: mappings key by key, the environment's value winning, its lists and scalars
+--   replacing _default's whole (a `false` is a value); a tool's settings nested under its
+--   name (`ansible: {cli: ...}`) or not (`cli: ...`) merge alike; any other file in both is
+--   the environment's. _default/bitops.config.yaml merges under <env>/bitops.config.yaml.
+--   Messages about these files name them as in the repo, never by the copy.
 local fs = require "ops.fs"
 local log = require "ops.log"
 local sys = require "ops.sys"
@@ -43,14 +52,17 @@ function deploy.driver(tool)
   return mod
 end
 
---- deploy.plan(opts) -> steps for a BitOps repo: opts.repo, opts.envs, opts.only, opts.skip,
---- opts.changed_since. Steps of one environment run in order, each needing the one before.
+--- deploy.plan(opts) -> steps for a BitOps repo: opts.repo, opts.envs (nil: all of them),
+--- opts.only, opts.skip, opts.changed_since (keeps the environments whose files, or _default's,
+--- changed since that revision). Steps of one environment run in order, each needing the one
+--- before.
 function deploy.plan(opts)
   local root = opts.repo
   local envs = opts.envs
+  if not envs or #envs == 0 then envs = repo.environments(root) end
   if opts.changed_since then
     local changed = repo.changed_environments(root, opts.changed_since)
-    local candidates = envs or repo.environments(root)
+    local candidates = envs
     envs = {}
     for _, e in ipairs(candidates) do
       if changed[e] or changed[repo.DEFAULT_DIR] then envs[#envs + 1] = e end
@@ -129,7 +141,7 @@ end
 local function execute(run, s)
   s.status = "running"
   s.started = time.now()
-  local t0 = time.monotonic()
+  s.t0 = time.monotonic()
   run.record(s)
   local env_dir = run.copies[s.env]
   local private = fs.join(run.workdir, ".private", (s.id:gsub("[^%w_.-]", "_")))
@@ -191,7 +203,7 @@ local function execute(run, s)
   end
   s.code = step.last_code
   s.finished = time.now()
-  s.duration = time.monotonic() - t0
+  s.duration = time.monotonic() - s.t0
   s.log_tail = table.concat(step.tail, "\n")
   run.record(s)
 end
@@ -226,7 +238,8 @@ function deploy.run(opts)
     local steps, settings = opts.steps, opts.settings or {}
     if not steps then
       local envs = opts.envs
-      if not envs or #envs == 0 then
+      -- --changed-since alone plans every environment that changed
+      if (not envs or #envs == 0) and not opts.changed_since then
         local all = repo.environments(real)
         failure.raise("no environment given: use --env NAME or BITOPS_ENVIRONMENT (environments in "
           .. root .. ": " .. (#all > 0 and table.concat(all, ", ") or "none") .. ")")
@@ -246,6 +259,10 @@ function deploy.run(opts)
     end
     table.sort(env_names)
     for _, e in ipairs(env_names) do
+      -- steps written by hand: their environments' settings (fail_fast, masks) still apply
+      if settings[e] == nil and fs.exists(fs.join(real, e, "bitops.config.yaml")) then
+        settings[e] = repo.env_config(real, e)
+      end
       local st = settings[e]
       if fail_fast == nil and st and st.fail_fast == false then fail_fast = false end
       if st and st.logging then
@@ -266,7 +283,12 @@ function deploy.run(opts)
       fail_fast = fail_fast, dry_run = opts.dry_run and true or false, workdir = workdir.path,
       copies = {}, outputs = {}, exports = {}, timeout = opts.timeout, out = out,
     }
-    for _, e in ipairs(env_names) do run.copies[e] = repo.working_copy(real, e, workdir.path) end
+    local tools = {}
+    for _, s in ipairs(steps) do
+      tools[s.env] = tools[s.env] or {}
+      tools[s.env][s.folder or s.dir] = s.tool
+    end
+    for _, e in ipairs(env_names) do run.copies[e] = repo.working_copy(real, e, workdir.path, tools[e]) end
 
     -- the store: history and locks (a dry run touches neither)
     local db, locks = nil, {}
@@ -275,7 +297,7 @@ function deploy.run(opts)
       db = history.open(opts.store)
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
-        args = opts.args, trigger = opts.trigger, delivery = opts.delivery,
+        args = opts.args and log.redact(opts.args), trigger = opts.trigger, delivery = opts.delivery,
       })
       run.record = function(s)
         history.record_step(db, run.run_id, {
@@ -286,7 +308,7 @@ function deploy.run(opts)
       for _, s in ipairs(steps) do run.record(s) end
     end
     local function release()
-      for _, name in ipairs(locks) do pcall(history.unlock, db, name) end
+      for _, name in ipairs(locks) do pcall(history.unlock, db, name, run.run_id) end
       locks = {}
     end
     local guard <close> = setmetatable({}, {__close = release})
@@ -295,6 +317,10 @@ function deploy.run(opts)
         local name = "env:" .. real .. ":" .. e
         local got, holder = history.lock(db, name, run.run_id)
         if not got then
+          for _, s in ipairs(steps) do
+            s.status, s.error = "not-run", "environment '" .. e .. "' was locked by another deploy"
+            run.record(s)
+          end
           history.finish_run(db, run.run_id, "failed", "locked")
           failure.raise(string.format("environment '%s' is being deployed by process %d on %s (run %s, since %s); "
             .. "wait for it, or stop it", e, holder.pid, holder.host, tostring(holder.run_id), time.iso8601(holder.started)))
@@ -375,6 +401,7 @@ function deploy.run(opts)
         for _, s in ipairs(steps) do
           if s.status == "running" then
             s.status, s.error, s.finished = "interrupted", "interrupted by " .. run.interrupted, time.now()
+            if s.t0 then s.duration = time.monotonic() - s.t0 end
             if s.step then s.log_tail = table.concat(s.step.tail, "\n") end
             run.record(s)
           end

@@ -49,15 +49,21 @@ function repo.env_config(root, env)
   return b, order_src, shown
 end
 
+-- tools.<name> is a driver, or a command (tools.deploy, tools.runs, tools.serve: a module
+-- with a main). One that cannot be loaded counts as a driver: deploy.driver says why it fails.
 local function known_tool(name)
-  return type(name) == "string" and name:match("^[%w_%-]+$") and modules.locate("tools." .. name) ~= nil
+  if type(name) ~= "string" or not name:match("^[%w_%-]+$") or modules.locate("tools." .. name) == nil then
+    return false
+  end
+  local ok, mod = pcall(require, "tools." .. name)
+  return not ok or type(mod) ~= "table" or type(mod.main) ~= "function"
 end
 
 local function tool_names()
   local out = {}
   for _, name in ipairs(modules.list()) do
     local t = name:match("^tools%.([%w_]+)$")
-    if t and t ~= "deploy" and t ~= "runs" then out[#out + 1] = t end
+    if t and known_tool(t) then out[#out + 1] = t end
   end
   return table.concat(out, ", ")
 end
@@ -111,10 +117,23 @@ local function merges_as_yaml(name)
   return MERGED[name] or name:match("^values.*%.ya?ml$") ~= nil
 end
 
---- repo.merge_default(default_dir, target_dir) : files of default_dir missing in target_dir
---- are copied; bitops.config.yaml and values*.yaml present in both are deep-merged (the
---- environment wins); every other file of the environment is kept as it is.
-function repo.merge_default(default_dir, target_dir)
+--- repo.merge_default(default_dir, target_dir, shown) : files of default_dir missing in
+--- target_dir are copied; bitops.config.yaml and values*.yaml present in both are deep-merged
+--- (mappings key by key, the environment's value winning; a list or scalar of the
+--- environment replaces _default's whole); every other file of the environment is kept as it
+--- is. shown = {default = "_default/ansible", target = "dev/ansible", tool = "ansible"}: how
+--- messages name the two folders (the target is a working copy the user never sees), and the
+--- folder's tool (default: the folder's name).
+--- A tool's settings may be nested under its name (`ansible: {cli: ...}`, BitOps' form) or
+--- not (`cli: ...`): both bitops.config.yaml files are brought to the nested form before the
+--- merge, so that the environment wins whichever form each file uses.
+function repo.merge_default(default_dir, target_dir, shown)
+  shown = shown or {default = default_dir, target = target_dir}
+  local tool = shown.tool or fs.basename(default_dir)
+  local function nested(doc, path)
+    if doc == nil or not MERGED[path] or type(doc[tool]) == "table" then return doc end
+    return {[tool] = doc}
+  end
   local entries, err = fs.walk(default_dir)
   if not entries then failure.raise("cannot read " .. default_dir .. ": " .. err) end
   for _, e in ipairs(entries) do
@@ -125,16 +144,19 @@ function repo.merge_default(default_dir, target_dir)
       if not fs.exists(dst) then
         assert(fs.copy(src, dst))
       elseif merges_as_yaml(fs.basename(e.path)) then
-        local base = config.load_yaml(src, src)
-        local over = config.load_yaml(dst, dst)
+        local base = nested(config.load_yaml(src, fs.join(shown.default, e.path)), e.path)
+        local over = nested(config.load_yaml(dst, fs.join(shown.target, e.path)), e.path)
         assert(fs.write_atomic(dst, yaml.dump(config.deep_merge(base or {}, over or {}))))
       end
     end
   end
 end
 
---- repo.working_copy(root, env, workdir) -> path of the environment's copy, _default merged
-function repo.working_copy(root, env, workdir)
+--- repo.working_copy(root, env, workdir, tools) -> path of the environment's copy, with
+--- _default/<folder>/ merged into each <folder>/ the environment has (repo.merge_default) and
+--- _default/bitops.config.yaml under the environment's. tools: folder -> the tool deploying
+--- it, where they differ (a bitops.deployments plugin:).
+function repo.working_copy(root, env, workdir, tools)
   local dst = fs.join(workdir, env)
   local ok, err = fs.copy_tree(fs.join(root, env), dst)
   if not ok then failure.raise("cannot copy environment '" .. env .. "': " .. err) end
@@ -142,13 +164,18 @@ function repo.working_copy(root, env, workdir)
   if is_dir(default) then
     for _, name in ipairs(assert(fs.list(default))) do
       local from = fs.join(default, name)
-      if is_dir(from) and is_dir(fs.join(dst, name)) then repo.merge_default(from, fs.join(dst, name)) end
+      if is_dir(from) and is_dir(fs.join(dst, name)) then
+        repo.merge_default(from, fs.join(dst, name),
+          {default = fs.join(repo.DEFAULT_DIR, name), target = fs.join(env, name), tool = tools and tools[name]})
+      end
     end
     local env_cfg = fs.join(default, "bitops.config.yaml")
     if fs.exists(env_cfg) then
       local target = fs.join(dst, "bitops.config.yaml")
       if fs.exists(target) then
-        local merged = config.deep_merge(config.load_yaml(env_cfg) or {}, config.load_yaml(target) or {})
+        local merged = config.deep_merge(
+          config.load_yaml(env_cfg, fs.join(repo.DEFAULT_DIR, "bitops.config.yaml")) or {},
+          config.load_yaml(target, fs.join(env, "bitops.config.yaml")) or {})
         assert(fs.write_atomic(target, yaml.dump(merged)))
       else
         assert(fs.copy(env_cfg, target))
@@ -159,12 +186,13 @@ function repo.working_copy(root, env, workdir)
 end
 
 --- repo.changed_environments(root, rev) -> set of environment names whose files (or
---- _default's) differ between rev and the working tree; "_default" marks all.
+--- _default's) differ between rev and the working tree; "_default" marks all. The repo may
+--- be a folder of a larger git repository: paths are taken relative to root.
 function repo.changed_environments(root, rev)
   if type(rev) ~= "string" or rev == "" or rev:sub(1, 1) == "-" then
     failure.raise("--changed-since needs a revision (a commit, tag or branch), not '" .. tostring(rev) .. "'")
   end
-  local r, err = proc.run({"git", "-C", root, "diff", "--name-only", "--no-renames", rev, "--"}, {timeout = 120})
+  local r, err = proc.run({"git", "-C", root, "diff", "--name-only", "--no-renames", "--relative", rev, "--"}, {timeout = 120})
   if not r then failure.raise("--changed-since: " .. err) end
   if not r.ok then
     failure.raise("--changed-since " .. rev .. ": git diff failed: " .. (r.stderr:gsub("%s+$", "")))
