@@ -19,6 +19,8 @@ M.schema = {
     forks = {type = "number", export_env = "ANSIBLE_FORKS"},
     ["flush-cache"] = {type = "boolean", export_env = "ANSIBLE_FLUSH_CACHE"},
     ["force-handlers"] = {type = "boolean", export_env = "ANSIBLE_FORCE_HANDLERS"},
+    -- newer BitOps schemas put dryrun under cli:, older ones under options:
+    dryrun = {type = "boolean"},
   },
   options = {
     dryrun = {type = "boolean", default = false, export_env = "ANSIBLE_DRYRUN"},
@@ -167,7 +169,7 @@ function M:flags(step)
   end
   if c["flush-cache"] then add("--flush-cache") end
   if c["force-handlers"] then add("--force-handlers") end
-  if o.dryrun then add("--check") end
+  if o.dryrun or c.dryrun then add("--check") end
   return f
 end
 

@@ -16,7 +16,7 @@ M.schema = {
   options = {
     ["cfn-stack-name"] = {type = "string", required = true, export_env = "CFN_STACK_NAME"},
     -- BitOps' form is a string ("CAPABILITY_IAM CAPABILITY_NAMED_IAM"); a list works too
-    capabilities = {type = "string", export_env = "CFN_CAPABILITY"},
+    capabilities = {type = "list", export_env = "CFN_CAPABILITY"},
     s3bucket = {type = "string", export_env = "CFN_TEMPLATE_S3_BUCKET"},
     s3prefix = {type = "string", export_env = "CFN_S3_PREFIX"},
     region = {type = "string"},
@@ -58,10 +58,12 @@ local function setting(step, section, ...)
   return v
 end
 
+-- "A B", "A,B" or a list of such: the words in order
 local function words(v)
-  if type(v) == "table" then return v end
   local list = {}
-  for w in tostring(v or ""):gmatch("[^%s,]+") do list[#list + 1] = w end
+  for _, item in ipairs(type(v) == "table" and v or {v}) do
+    for w in tostring(item or ""):gmatch("[^%s,]+") do list[#list + 1] = w end
+  end
   return list
 end
 

@@ -70,6 +70,8 @@ function M.main(args, cli)
     elseif a == "--repo" then
       v, err = value(a); if not v then return err end
       opts.repo = v
+      -- the repo's .opsrun/ overrides apply to this deploy (drivers load later)
+      if cli and cli.set_repo then cli.set_repo(v) end
     elseif a == "--jobs" or a == "-j" then
       v, err = value(a); if not v then return err end
       opts.jobs = math.tointeger(tonumber(v))

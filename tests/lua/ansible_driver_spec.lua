@@ -159,6 +159,10 @@ describe("ansible driver: cli flags", function()
     assert.are.same({"ansible-playbook playbook.yaml"}, one({}, {dryrun = false}))
   end)
 
+  it("cli.dryrun (where newer BitOps schemas put it) adds --check too", function()
+    assert.are.same({"ansible-playbook playbook.yaml --check"}, one({dryrun = true}))
+  end)
+
   it("gives every playbook the same flags, in a fixed order", function()
     write("site.yaml", PLAY)
     local flags = " --inventory inv.ini --extra-vars a=1 --extra-vars b=2 --tags t --skip-tags s --forks 5"

@@ -33,16 +33,19 @@ function log.secret(value)
   return value
 end
 
---- log.add_mask(pattern [, replacement]) : a Lua pattern whose matches are replaced
---- (by *** unless replacement is given)
-function log.add_mask(pattern, replacement)
+--- log.add_mask(pattern [, replacement [, raw]]) : a Lua pattern whose matches are replaced
+--- (by *** unless replacement is given; with raw, replacement is a gsub replacement that
+--- may use %1..%9 for the pattern's captures)
+function log.add_mask(pattern, replacement, raw)
   assert(type(pattern) == "string", "log.add_mask: pattern must be a string")
   local ok, err = pcall(string.find, "", pattern)
   if not ok then error("log.add_mask: bad pattern '" .. pattern .. "': " .. tostring(err), 2) end
   for _, m in ipairs(masks) do
     if m[1] == pattern then return end
   end
-  masks[#masks + 1] = {pattern, (tostring(replacement or REDACTED):gsub("%%", "%%%%"))}
+  local r = tostring(replacement or REDACTED)
+  if not raw then r = r:gsub("%%", "%%%%") end
+  masks[#masks + 1] = {pattern, r}
 end
 
 local function replace_plain(s, needle)

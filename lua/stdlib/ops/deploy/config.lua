@@ -110,6 +110,8 @@ local function export_string(v)
 end
 
 --- config.resolve(schema, file_table, ctx) -> cfg, exports, warnings
+--- Precedence for each key: BITOPS_<TOOL>_<KEY> > BITOPS_<EXPORT_ENV> > <EXPORT_ENV> > the file
+--- > the default. Empty variables are ignored.
 --- ctx = {tool = "terraform", where = "environment 'prod': terraform step",
 ---        file = "prod/terraform/bitops.config.yaml", getenv = os.getenv}
 --- cfg has the schema's sections (cli, options, ...); exports maps export_env names to
@@ -136,8 +138,17 @@ function config.resolve(schema, file_table, ctx)
       else
         local value, why
         local env_path = {table.unpack(p, 2)}
-        local from = getenv(env_key(ctx.tool, env_path))
-        if from == nil and spec.export_env then from = getenv(spec.export_env) end
+        -- BITOPS_<TOOL>_<KEY>, then BitOps 2's BITOPS_<EXPORT_ENV>, then <EXPORT_ENV>;
+        -- a variable set to "" counts as not set (CI templates pass empty ones)
+        local from
+        for _, name in ipairs({env_key(ctx.tool, env_path), spec.export_env and ("BITOPS_" .. spec.export_env),
+                               spec.export_env}) do
+          local v = getenv(name)
+          if v ~= nil and v ~= "" then
+            from = v
+            break
+          end
+        end
         if from ~= nil then
           value, why = coerce(from, spec, true)
           if value == nil then bad(p, why .. " (from the environment)") end

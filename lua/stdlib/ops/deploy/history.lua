@@ -42,15 +42,16 @@ function history.default_path()
   return base .. "/opsrun/opsrun.db"
 end
 
---- history.open(path) -> db, raising a failure that names the path and the fix
-function history.open(path)
+--- history.open(path [, opts]) -> db, raising a failure that names the path and the fix
+--- (opts go to ops.store.open: synchronous = "normal" trades power-cut safety for speed)
+function history.open(path, opts)
   path = path or history.default_path()
   local ok, err = fs.mkdir_p(fs.dirname(path))
   if not ok then
     failure.raise("cannot create the folder of the state store " .. path .. ": " .. err
       .. " (set OPSRUN_STORE or --store to a writable path)")
   end
-  local db, oerr = store.open(path)
+  local db, oerr = store.open(path, opts)
   if not db then
     failure.raise("cannot open the state store " .. path .. ": " .. oerr .. " (set OPSRUN_STORE or --store)")
   end

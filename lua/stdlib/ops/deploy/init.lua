@@ -267,7 +267,7 @@ function deploy.run(opts)
       if fail_fast == nil and st and st.fail_fast == false then fail_fast = false end
       if st and st.logging then
         for _, m in ipairs(repo.mask_patterns(st.logging.masks, e .. "/bitops.config.yaml")) do
-          log.add_mask(m[1], m[2])
+          log.add_mask(m[1], m[2], m.raw)
         end
       end
     end
@@ -294,7 +294,9 @@ function deploy.run(opts)
     local db, locks = nil, {}
     run.record = function() end
     if not run.dry_run then
-      db = history.open(opts.store)
+      -- the run's record is safe from a crash of opsrun; a power cut may lose its last
+      -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
+      db = history.open(opts.store, {synchronous = "normal"})
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
         args = opts.args and log.redact(opts.args), trigger = opts.trigger, delivery = opts.delivery,
@@ -305,7 +307,9 @@ function deploy.run(opts)
           finished = s.finished, duration = s.duration, error = s.error and log.redact(s.error), log_tail = s.log_tail,
         })
       end
-      for _, s in ipairs(steps) do run.record(s) end
+      db:transaction(function() -- one commit for the whole plan
+        for _, s in ipairs(steps) do run.record(s) end
+      end)
     end
     local function release()
       for _, name in ipairs(locks) do pcall(history.unlock, db, name, run.run_id) end

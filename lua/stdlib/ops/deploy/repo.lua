@@ -44,6 +44,12 @@ function repo.env_config(root, env)
   local b = merged.bitops
   if b ~= nil and type(b) ~= "table" then failure.raise(shown .. ": bitops must be a mapping") end
   b = b or {}
+  for key in pairs(b) do
+    if key ~= "deployments" and key ~= "fail_fast" and key ~= "logging" then
+      require("ops.log").warn(string.format("%s: bitops.%s is a BitOps setting opsrun does not use; ignored"
+        .. " (docs/migrating-from-bitops.md)", shown, tostring(key)))
+    end
+  end
   -- keep the document order of the deployments the environment's own file gave
   local order_src = file and file.bitops and file.bitops.deployments or (b.deployments)
   return b, order_src, shown
@@ -228,26 +234,31 @@ function repo.mask_patterns(masks, shown)
     end
     local ok, err = pcall(string.find, "", pattern)
     if not ok then failure.raise(where .. ": bad pattern: " .. tostring(err)) end
-    out[#out + 1] = {pattern, type(m.replace) == "string" and m.replace or "***"}
+    local replacement = type(m.replace) == "string" and m.replace or "***"
+    if type(m.search) == "string" and not m.pattern then replacement = repo.regex_replacement(replacement) end
+    out[#out + 1] = {pattern, replacement, raw = true}
   end
   return out
 end
 
 --- repo.regex_to_pattern(re, where) -> a Lua pattern for the common regex subset:
---- literals, ., [...] classes, \d \w \s \. escapes, * + ? quantifiers, ^ and $.
+--- literals, ., [...] classes, \d \w \s and escaped punctuation, * + ? and their lazy forms,
+--- ^ and $, and (...) groups (captures, for \1 in the replacement). Alternation (|),
+--- counted repeats ({n}) and quantified groups cannot be written as Lua patterns: refused.
 function repo.regex_to_pattern(re, where)
   local out, i, n = {}, 1, #re
+  local depth = 0
   local function unsupported(what)
     failure.raise(string.format("%s: the regex %q uses %s, which opsrun cannot translate; give a Lua pattern as pattern: instead", where, re, what))
   end
   while i <= n do
     local c = re:sub(i, i)
+    local nxt = re:sub(i + 1, i + 1)
     if c == "\\" then
-      local e = re:sub(i + 1, i + 1)
       local map = {d = "%d", w = "[%w_]", s = "%s", D = "%D", W = "[^%w_]", S = "%S"}
-      if map[e] then out[#out + 1] = map[e]
-      elseif e:match("%p") then out[#out + 1] = "%" .. e
-      else unsupported("\\" .. e) end
+      if map[nxt] then out[#out + 1] = map[nxt]
+      elseif nxt:match("%p") then out[#out + 1] = "%" .. nxt
+      else unsupported("\\" .. nxt) end
       i = i + 2
     elseif c == "[" then
       local j = re:find("]", i + 2, true)
@@ -255,12 +266,29 @@ function repo.regex_to_pattern(re, where)
       local class = re:sub(i, j):gsub("\\d", "%%d"):gsub("\\w", "%%w_"):gsub("\\s", "%%s"):gsub("\\(%p)", "%%%1")
       out[#out + 1] = class
       i = j + 1
-    elseif c == "(" or c == ")" or c == "|" or c == "{" then
+    elseif c == "(" then
+      if nxt == "?" then unsupported("(?...)") end
+      depth = depth + 1
+      out[#out + 1] = "("
+      i = i + 1
+    elseif c == ")" then
+      if depth == 0 then unsupported("an unopened )") end
+      depth = depth - 1
+      out[#out + 1] = ")"
+      i = i + 1
+      if re:sub(i, i):match("[%*%+%?{]") then unsupported("a repeated group") end
+    elseif c == "|" or c == "{" then
       unsupported("'" .. c .. "'")
     elseif c == "*" or c == "+" or c == "?" then
-      if re:sub(i + 1, i + 1) == "?" then c = (c == "*") and "-" or c; i = i + 1 end
-      out[#out + 1] = c
-      i = i + 1
+      if nxt == "?" then
+        if c == "*" then out[#out + 1] = "-"
+        elseif c == "+" then out[#out + 1] = out[#out]; out[#out + 1] = "-" -- x+? is x x-
+        else out[#out + 1] = "?" end
+        i = i + 2
+      else
+        out[#out + 1] = c
+        i = i + 1
+      end
     elseif c == "." or c == "^" or c == "$" then
       out[#out + 1] = (c == "^" and i ~= 1) and "%^" or (c == "$" and i ~= n) and "%$" or c
       i = i + 1
@@ -272,7 +300,13 @@ function repo.regex_to_pattern(re, where)
       i = i + 1
     end
   end
+  if depth ~= 0 then unsupported("an unclosed (") end
   return table.concat(out)
+end
+
+--- repo.regex_replacement(s) -> the replacement for string.gsub: \1..\9 become %1..%9
+function repo.regex_replacement(s)
+  return (s:gsub("%%", "%%%%"):gsub("\\(%d)", "%%%1"))
 end
 
 return repo

@@ -43,6 +43,8 @@ end
 
 --- step:output_line(line, stream) : one line of a command's output, to the log and the tail
 function Step:output_line(line, stream)
+  -- terminal colours (terraform, helm) would litter the log and the stored tail
+  if line:find("\27", 1, true) then line = line:gsub("\27%[[%d;?]*[%a]", "") end
   self:remember(line)
   if stream == "stderr" then
     self.log.info(line, {stream = "stderr"})

@@ -1,0 +1,91 @@
+-- ops.deploy.config and repo helpers: precedence, empty variables, BitOps masks.
+local config = require "ops.deploy.config"
+local repo = require "ops.deploy.repo"
+local failure = require "ops.deploy.failure"
+
+local SCHEMA = {
+  options = {
+    ["stack-action"] = {type = "string", export_env = "TERRAFORM_COMMAND"},
+    ["skip-deploy"] = {type = "boolean", export_env = "TERRAFORM_SKIP_DEPLOY"},
+  },
+  cli = {target = {type = "list"}},
+}
+
+local function resolve(file, env)
+  return config.resolve(SCHEMA, file, {
+    tool = "terraform", where = "environment 'e': terraform step", file = "e/terraform/bitops.config.yaml",
+    getenv = function(name) return env[name] end,
+  })
+end
+
+describe("config precedence", function()
+  local file = {terraform = {options = {["stack-action"] = "plan", ["skip-deploy"] = false}}}
+
+  it("takes BITOPS_<TOOL>_<KEY> over BITOPS_<EXPORT_ENV> over <EXPORT_ENV> over the file", function()
+    assert.are.equal("plan", resolve(file, {}).options["stack-action"])
+    assert.are.equal("apply", resolve(file, {TERRAFORM_COMMAND = "apply"}).options["stack-action"])
+    assert.are.equal("destroy", resolve(file, {TERRAFORM_COMMAND = "apply", BITOPS_TERRAFORM_COMMAND = "destroy"})
+      .options["stack-action"])
+    assert.are.equal("apply", resolve(file, {BITOPS_TERRAFORM_COMMAND = "destroy", BITOPS_TERRAFORM_STACK_ACTION = "apply"})
+      .options["stack-action"])
+  end)
+
+  it("treats a variable set to the empty string as not set", function()
+    local cfg = resolve(file, {TERRAFORM_SKIP_DEPLOY = "", BITOPS_TERRAFORM_STACK_ACTION = ""})
+    assert.is_false(cfg.options["skip-deploy"])
+    assert.are.equal("plan", cfg.options["stack-action"])
+  end)
+
+  it("keeps a false from the file and exports what it resolved", function()
+    local cfg, exports = resolve(file, {})
+    assert.is_false(cfg.options["skip-deploy"])
+    assert.are.equal("false", exports.TERRAFORM_SKIP_DEPLOY)
+    assert.are.equal("plan", exports.TERRAFORM_COMMAND)
+  end)
+
+  it("names the key, the value and the file when a type is wrong", function()
+    local ok, err = pcall(resolve, {terraform = {options = {["skip-deploy"] = "maybe"}}}, {})
+    assert.is_false(ok)
+    assert.is_true(failure.is(err))
+    assert.matches("options.skip%-deploy must be true or false, not the string \"maybe\" %(e/terraform/bitops.config.yaml%)",
+      failure.message(err))
+  end)
+
+  it("reads a comma-separated list from a variable", function()
+    assert.are.same({"a.b", "c"}, resolve({}, {BITOPS_TERRAFORM_TARGET = "a.b, c"}).cli.target)
+  end)
+end)
+
+describe("BitOps logging.masks", function()
+  it("translates the regex subset, groups and \\1 included", function()
+    local masks = repo.mask_patterns({
+      {search = [[(AWS_SECRET_ACCESS_KEY=)(\S+)]], replace = [[\1*******]]},
+      {search = "[a-z]*_token", replace = "TOKEN"},
+    }, "e/bitops.config.yaml")
+    local line = "AWS_SECRET_ACCESS_KEY=abc/123 and github_token here"
+    for _, m in ipairs(masks) do line = line:gsub(m[1], m[2]) end
+    assert.are.equal("AWS_SECRET_ACCESS_KEY=******* and TOKEN here", line)
+  end)
+
+  it("refuses what Lua patterns cannot say, naming the mask", function()
+    for _, re in ipairs({"a|b", "(ab)+", "x{3}", "(?i)x", "(open"}) do
+      local ok, err = pcall(repo.mask_patterns, {{search = re}}, "e/bitops.config.yaml")
+      assert.is_false(ok, re)
+      assert.matches("bitops.logging.masks%[1%]", failure.message(err))
+    end
+  end)
+
+  it("makes lazy quantifiers lazy", function()
+    local p = repo.regex_to_pattern("<.+?>", "x")
+    assert.are.equal("<a>", ("<a><b>"):match(p))
+  end)
+end)
+
+describe("a step's output lines", function()
+  it("lose terminal colour codes before they are logged or kept", function()
+    local Step = require "ops.deploy.step"
+    local s = Step.new({id = "e/terraform", vars = {}})
+    s:output_line("\27[1m\27[32mApply complete!\27[0m Resources: 1 added.", "stdout")
+    assert.are.equal("Apply complete! Resources: 1 added.", s.tail[1])
+  end)
+end)
