@@ -41,6 +41,7 @@ describe("config precedence", function()
     assert.is_false(cfg.options["skip-deploy"])
     assert.are.equal("false", exports.TERRAFORM_SKIP_DEPLOY)
     assert.are.equal("plan", exports.TERRAFORM_COMMAND)
+    assert.are.equal("plan", exports.BITOPS_TERRAFORM_COMMAND)
   end)
 
   it("names the key, the value and the file when a type is wrong", function()

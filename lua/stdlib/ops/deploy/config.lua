@@ -165,7 +165,10 @@ function config.resolve(schema, file_table, ctx)
           if not okv then bad(p, "must be one of " .. table.concat(spec.enum, ", ") .. ", not " .. describe(value)) end
         end
         out[key] = value
-        if spec.export_env and value ~= nil then exports[spec.export_env] = export_string(value) end
+        if spec.export_env and value ~= nil then
+          exports[spec.export_env] = export_string(value)
+          exports["BITOPS_" .. spec.export_env] = exports[spec.export_env]
+        end
       end
     end
     for key in pairs(section) do
