@@ -144,8 +144,7 @@ local function execute(run, s)
   s.t0 = time.monotonic()
   run.record(s)
   local env_dir = run.copies[s.env]
-  local private = fs.join(run.workdir, ".private", (s.id:gsub("[^%w_.-]", "_")))
-  assert(fs.mkdir_p(private, {mode = "0700"}))
+  local private = fs.join(run.workdir, ".private", (s.id:gsub("[^%w_.-]", "_"))) -- made on first use
   local dir = s.dir and fs.join(env_dir, s.dir) or fs.join(env_dir, s.folder)
   local vars = {
     BITOPS_ENVIRONMENT = s.env, ENVIRONMENT = s.env,

@@ -133,7 +133,8 @@ function Step:private_file(name, content)
     error("step:private_file: name must be a plain file name", 2)
   end
   local path = fs.join(self.private_dir, name)
-  local ok, err = fs.write_atomic(path, content, "0600")
+  local ok, err = fs.mkdir_p(self.private_dir, {mode = "0700"})
+  if ok then ok, err = fs.write_atomic(path, content, "0600") end
   if not ok then self:fail("cannot write " .. path .. ": " .. err) end
   return path
 end
