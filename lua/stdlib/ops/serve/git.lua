@@ -34,6 +34,12 @@ function git.has_commit(dir, sha)
   return r ~= nil and r.ok
 end
 
+--- git.is_ancestor(dir, a, b) -> true when commit a is reachable from commit b
+function git.is_ancestor(dir, a, b)
+  local r = proc.run({"git", "--git-dir", dir, "merge-base", "--is-ancestor", a, b}, {stderr = "ignore"})
+  return r ~= nil and r.ok
+end
+
 --- git.changes(dir, before, after) -> {{status = "A"|"M"|"D", path = ...}}; with no
 --- before (a new branch, or a before lost to a forced push and gc), every file is added
 function git.changes(dir, before, after)

@@ -3,14 +3,17 @@
 --            delivery id, commit to the store, and only then answer 202
 --   work     one loop per hook takes its pushes from the store (ops.serve.worker),
 --            fetches the repo and deploys what changed (ops.serve.environments / plans)
---   observe  GET /healthz, GET /metrics (Prometheus text)
--- Every part is a Lua module a repo can override (.opsrun/ops/serve/<part>.lua).
+--   observe  GET /healthz, GET /metrics (Prometheus text), the serve_outcomes table
+-- Every part is a Lua module that .opsrun/ or OPSRUN_PATH can override (ops/serve/<part>.lua).
 local ops = require "ops"
+local fs = require "ops.fs"
 local log = require "ops.log"
 local json = require "ops.json"
 local sys = require "ops.sys"
 local time = require "ops.time"
+local crypto = require "ops.crypto"
 local sched = require "ops.core.sched"
+local failure = require "ops.deploy.failure"
 local history = require "ops.deploy.history"
 local verify = require "ops.serve.verify"
 local worker = require "ops.serve.worker"
@@ -18,6 +21,26 @@ local worker = require "ops.serve.worker"
 local serve = {}
 
 local QUEUE = "deliveries"
+
+-- The receiver's own tables, next to the queue and the run history.
+serve.MIGRATIONS = {
+  [[
+  CREATE TABLE serve_outcomes (
+    id INTEGER PRIMARY KEY,        -- the ops_queue item
+    hook TEXT NOT NULL, delivery TEXT NOT NULL,
+    commit_id TEXT,                -- the commit deployed (or found to need nothing)
+    status TEXT NOT NULL,          -- succeeded, failed, interrupted, nothing, deleted, stale
+    run_id INTEGER,                -- the deploy run (opsrun runs show RUN)
+    finished REAL NOT NULL
+  );
+  CREATE INDEX serve_outcomes_delivery ON serve_outcomes (delivery);
+  CREATE TABLE serve_targets (
+    hook TEXT PRIMARY KEY, commit_id TEXT NOT NULL, at REAL NOT NULL
+  );
+  ]],
+}
+
+serve.DURATION_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600}
 
 -- A counting semaphore for tasks: at most n holders.
 local function semaphore(n)
@@ -27,6 +50,9 @@ local function semaphore(n)
       local t = sched.current()
       self.waiting[#self.waiting + 1] = t
       sched.suspend()
+      for i, w in ipairs(self.waiting) do -- woken by something else: leave the line
+        if w == t then table.remove(self.waiting, i) break end
+      end
     end
     self.free = self.free - 1
   end
@@ -39,12 +65,16 @@ local function semaphore(n)
 end
 
 local function metrics()
-  local m = {deliveries = {}, runs = {}, duration_sum = 0, duration_count = 0}
+  local m = {deliveries = {}, pushes = {}, runs = {}, duration_sum = 0, duration_count = 0, buckets = {}}
   function m.delivery(outcome) m.deliveries[outcome] = (m.deliveries[outcome] or 0) + 1 end
+  function m.push(outcome, n) m.pushes[outcome] = (m.pushes[outcome] or 0) + (n or 1) end
   function m.observe_run(status, secs)
     m.runs[status] = (m.runs[status] or 0) + 1
     m.duration_sum = m.duration_sum + secs
     m.duration_count = m.duration_count + 1
+    for i, le in ipairs(serve.DURATION_BUCKETS) do
+      if secs <= le then m.buckets[i] = (m.buckets[i] or 0) + 1 end
+    end
   end
   return m
 end
@@ -59,11 +89,17 @@ end
 --- serve.metrics_text(ctx) -> Prometheus text exposition
 function serve.metrics_text(ctx)
   local m, out = ctx.metrics, {}
-  out[#out + 1] = "# HELP opsrun_deliveries_total Webhook deliveries received, by outcome."
-  out[#out + 1] = "# TYPE opsrun_deliveries_total counter"
-  for _, k in ipairs(sorted_keys(m.deliveries)) do
-    out[#out + 1] = string.format('opsrun_deliveries_total{outcome="%s"} %d', k, m.deliveries[k])
+  local function counter(name, help, label, t, always)
+    out[#out + 1] = "# HELP " .. name .. " " .. help
+    out[#out + 1] = "# TYPE " .. name .. " counter"
+    for _, k in ipairs(always or {}) do t[k] = t[k] or 0 end
+    for _, k in ipairs(sorted_keys(t)) do
+      out[#out + 1] = string.format('%s{%s="%s"} %d', name, label, k, t[k])
+    end
   end
+  counter("opsrun_deliveries_total", "Webhook deliveries received, by how they were answered.", "outcome",
+    m.deliveries, {"queued", "duplicate", "rejected"})
+  counter("opsrun_pushes_total", "Queued deliveries processed by the workers, by outcome.", "outcome", m.pushes)
   local stats = ctx.queue:stats() or {}
   out[#out + 1] = "# HELP opsrun_queue_items Deliveries in the store, by state."
   out[#out + 1] = "# TYPE opsrun_queue_items gauge"
@@ -73,52 +109,107 @@ function serve.metrics_text(ctx)
   out[#out + 1] = "# HELP opsrun_queue_depth Deliveries waiting or being deployed."
   out[#out + 1] = "# TYPE opsrun_queue_depth gauge"
   out[#out + 1] = string.format("opsrun_queue_depth %d", (stats.ready or 0) + (stats.leased or 0))
-  out[#out + 1] = "# HELP opsrun_runs_total Deploys started from pushes, by status."
-  out[#out + 1] = "# TYPE opsrun_runs_total counter"
-  for _, k in ipairs(sorted_keys(m.runs)) do
-    out[#out + 1] = string.format('opsrun_runs_total{status="%s"} %d', k, m.runs[k])
-  end
+  counter("opsrun_runs_total", "Deploys started from pushes, by status.", "status", m.runs)
   out[#out + 1] = "# HELP opsrun_run_duration_seconds Time deploys from pushes took."
-  out[#out + 1] = "# TYPE opsrun_run_duration_seconds summary"
+  out[#out + 1] = "# TYPE opsrun_run_duration_seconds histogram"
+  for i, le in ipairs(serve.DURATION_BUCKETS) do
+    out[#out + 1] = string.format('opsrun_run_duration_seconds_bucket{le="%g"} %d', le, m.buckets[i] or 0)
+  end
+  out[#out + 1] = string.format('opsrun_run_duration_seconds_bucket{le="+Inf"} %d', m.duration_count)
   out[#out + 1] = string.format("opsrun_run_duration_seconds_sum %.6f", m.duration_sum)
   out[#out + 1] = string.format("opsrun_run_duration_seconds_count %d", m.duration_count)
+  out[#out + 1] = "# HELP opsrun_workers_busy Hooks whose worker is deploying now."
+  out[#out + 1] = "# TYPE opsrun_workers_busy gauge"
+  out[#out + 1] = string.format("opsrun_workers_busy %d", #sorted_keys(ctx.busy))
   return table.concat(out, "\n") .. "\n"
 end
 
-local function answer(status, tbl)
-  return status, {["content-type"] = "application/json"}, json.encode(tbl) .. "\n"
+-- JSON of a flat record of strings, numbers and booleans, keys in the order given: the
+-- receiver's hot path writes two per delivery, and this is ten times ops.json.encode.
+local ESCAPES = {['"'] = '\\"', ["\\"] = "\\\\"}
+local function escape(c) return ESCAPES[c] or string.format("\\u%04x", c:byte()) end
+local function flat_json(t, keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if v ~= nil then
+      local tv = type(v)
+      if tv == "string" then
+        v = '"' .. v:gsub('[%c"\\]', escape) .. '"'
+      elseif math.type(v) == "float" then
+        v = string.format("%.17g", v)
+      else
+        v = tostring(v)
+      end
+      out[#out + 1] = '"' .. k .. '":' .. v
+    end
+  end
+  return "{" .. table.concat(out, ",") .. "}"
 end
+serve.flat_json = flat_json
+
+local ANSWER_KEYS = {"status", "delivery", "id", "reason", "error"}
+
+local function answer(status, tbl, headers)
+  headers = headers or {}
+  headers["content-type"] = "application/json"
+  local flat = true
+  for _, v in pairs(tbl) do if type(v) == "table" then flat = false end end
+  return status, headers, (flat and flat_json(tbl, ANSWER_KEYS) or json.encode(tbl)) .. "\n"
+end
+
+--- serve.health(ctx) -> ok, details
+function serve.health(ctx)
+  local store_ok = pcall(function() assert(ctx.db:query("SELECT 1 AS one")[1].one == 1) end)
+  if ctx.store_error then store_ok = false end
+  local workers, dead = {}, {}
+  for _, name in ipairs(sorted_keys(ctx.settings.hooks)) do
+    local t = ctx.workers[name]
+    local st = t and t:status()
+    if not t or st == "failed" or st == "done" or st == "cancelled" then
+      dead[#dead + 1] = name
+      workers[name] = "stopped"
+    else
+      workers[name] = ctx.busy[name] and "deploying" or "idle"
+    end
+  end
+  local ok = store_ok and #dead == 0 and not ctx.stopping
+  return ok, {status = ok and "ok" or "unhealthy", store = store_ok and "ok" or (ctx.store_error or "unreachable"),
+    workers = workers, stopping = ctx.stopping or nil}
+end
+
+local PAYLOAD_KEYS = {"hook", "delivery", "ref", "before", "after", "created", "deleted", "forced", "received"}
 
 --- serve.handle(ctx, req) -> status, headers, body
 function serve.handle(ctx, req)
-  if req.path == "/healthz" and (req.method == "GET" or req.method == "HEAD") then
-    local ok = pcall(function() assert(ctx.db:query("SELECT 1 AS one")[1].one == 1) end)
-    local dead = {}
-    for name, t in pairs(ctx.workers) do
-      if t:status() == "failed" or t:status() == "done" or t:status() == "cancelled" then dead[#dead + 1] = name end
-    end
-    if ok and #dead == 0 and not ctx.stopping then
-      return answer(200, {status = "ok", workers = #sorted_keys(ctx.workers)})
-    end
-    return answer(503, {status = "unhealthy", store = ok, stopped_workers = dead, stopping = ctx.stopping})
+  if req.path == "/healthz" then
+    if req.method ~= "GET" and req.method ~= "HEAD" then return answer(405, {error = "use GET"}, {allow = "GET, HEAD"}) end
+    local ok, details = serve.health(ctx)
+    return answer(ok and 200 or 503, details)
   end
-  if req.path == "/metrics" and req.method == "GET" then
+  if req.path == "/metrics" then
+    if req.method ~= "GET" then return answer(405, {error = "use GET"}, {allow = "GET"}) end
     return 200, {["content-type"] = "text/plain; version=0.0.4"}, serve.metrics_text(ctx)
   end
   local name = req.path:match("^/hooks/([^/]+)$")
-  if not name then return answer(404, {error = "not found"}) end
+  if not name then return answer(404, {error = "not found: webhooks are POST /hooks/<name>"}) end
   local hook = ctx.settings.hooks[name]
   if not hook then
     ctx.metrics.delivery("unknown_hook")
+    log.warn("a delivery for a hook that is not configured", {hook = name, remote = req.remote})
     return answer(404, {error = "no hook named " .. name})
   end
-  if req.method ~= "POST" then return answer(405, {error = "use POST"}) end
-  if ctx.stopping then return answer(503, {error = "shutting down; deliver again later"}) end
+  if req.method ~= "POST" then return answer(405, {error = "use POST"}, {allow = "POST"}) end
+  if ctx.stopping then
+    ctx.metrics.delivery("refused")
+    return answer(503, {error = "shutting down; deliver again later"}, {["retry-after"] = "5"})
+  end
   local push, status, reason = verify.providers[hook.provider](hook, req)
   if not push then
+    -- never the body: an unverified body is whatever anyone sent
     if status == 401 then
       ctx.metrics.delivery("rejected")
-      log.warn("rejected a delivery: " .. reason, {hook = name, remote = req.remote})
+      log.warn("rejected a delivery: " .. reason, {hook = name, remote = req.remote, bytes = #req.body})
     elseif status == 400 then
       ctx.metrics.delivery("malformed")
       log.warn("malformed delivery: " .. reason, {hook = name, remote = req.remote})
@@ -134,50 +225,97 @@ function serve.handle(ctx, req)
     log.info("delivery ignored: " .. why, {hook = name, delivery = push.delivery})
     return answer(202, {status = "ignored", reason = why, delivery = push.delivery})
   end
-  local payload = json.encode({
+  local payload = flat_json({
     hook = name, delivery = push.delivery, ref = push.ref, before = push.before, after = push.after,
     created = push.created, deleted = push.deleted, forced = push.forced, received = time.now(),
-  })
-  local id, outcome = ctx.queue:enqueue("push:" .. name, payload, {key = name .. ":" .. push.delivery})
+  }, PAYLOAD_KEYS)
+  local id, outcome = ctx.store_delivery("push:" .. name, payload, name .. ":" .. push.delivery)
   if not id then
     ctx.metrics.delivery("store_error")
     log.error("cannot store a delivery: " .. tostring(outcome), {hook = name, delivery = push.delivery})
-    return answer(503, {error = "the delivery could not be stored; deliver it again"})
+    return answer(503, {error = "the delivery could not be stored; deliver it again"}, {["retry-after"] = "5"})
   end
-  ctx.metrics.delivery(outcome == "duplicate" and "duplicate" or "queued")
+  ctx.metrics.delivery(outcome)
   if outcome == "queued" then
     log.info("delivery queued", {hook = name, delivery = push.delivery, after = push.after:sub(1, 12)})
     ctx.wake(name)
+  else
+    log.info("delivery already received: not run again", {hook = name, delivery = push.delivery})
   end
   return answer(202, {status = outcome, delivery = push.delivery, id = id})
 end
 
--- Items this host leased to a process that is gone are handed out again at once,
--- rather than when their lease runs out.
+-- Group commit: handlers hand their delivery to one writer task, which commits whatever
+-- has gathered in one transaction (synchronous=FULL: one fsync for many deliveries) and
+-- then wakes each handler with its id. A handler answers only after that commit.
+local function delivery_writer(ctx)
+  local pending, idle = {}, nil
+  local function commit(batch)
+    local ok, err = pcall(ctx.db.transaction, ctx.db, function()
+      for _, e in ipairs(batch) do
+        local id, outcome = ctx.queue:enqueue(e.kind, e.payload, {key = e.key})
+        if not id then error(outcome, 0) end
+        e.id, e.outcome = id, outcome
+      end
+    end)
+    ctx.store_error = not ok and tostring(err) or nil
+    for _, e in ipairs(batch) do
+      if not ok then e.id, e.outcome = nil, tostring(err) end
+      e.done = true
+      sched.wake(e.task)
+    end
+  end
+  ctx.writer = ops.spawn(function()
+    while true do
+      if #pending == 0 then
+        idle = sched.current()
+        sched.suspend()
+        idle = nil
+      else
+        local batch = pending
+        pending = {}
+        commit(batch)
+      end
+    end
+  end)
+  return function(kind, payload, key)
+    local e = {kind = kind, payload = payload, key = key, task = sched.current()}
+    pending[#pending + 1] = e
+    if idle then sched.wake(idle) end
+    while not e.done do sched.suspend() end
+    return e.id, e.outcome
+  end
+end
+
+-- Items leased by a process of this host that is gone (a crash, SIGKILL, a container
+-- restart that reused its pid) are handed out again at once, not when their lease ends.
 local function resume_dead(ctx)
   local host = sys.hostname()
   local rows = ctx.db:query("SELECT id, worker FROM ops_queue WHERE queue = ? AND state = 'leased'", QUEUE)
   for _, r in ipairs(rows) do
-    local h, pid = tostring(r.worker):match("^(.*):(%d+):")
+    local h, pid, nonce = tostring(r.worker):match("^(.*):(%d+):(%x+):")
     pid = tonumber(pid)
-    if h == host and pid and pid ~= sys.pid() and not sys.kill(pid, "0") then
+    local gone = pid and (pid == sys.pid() and nonce ~= ctx.nonce or pid ~= sys.pid() and not sys.kill(pid, "0"))
+    if h == host and gone then
       ctx.db:exec("UPDATE ops_queue SET available_at = 0 WHERE id = ? AND state = 'leased'", r.id)
       log.info("resuming a delivery left by a stopped process", {worker = r.worker, id = r.id})
     end
   end
 end
 
-local function notifier(settings)
-  local n = settings.notify
-  if type(n) ~= "table" then return nil end
+local function notifier(ctx)
   return function(hook, status, run_id, deliveries, commit)
+    local n = ctx.settings.notify
+    if type(n) ~= "table" then return end
     local body = json.encode({hook = hook.name, status = status, run = run_id, deliveries = deliveries, commit = commit})
     if type(n.command) == "table" then
-      local r, err = ops.proc.run(n.command, {stdin = body, timeout = 60, env = {
+      local r, err = ops.proc.run(n.command, {stdin = body, timeout = 60, env = ctx.child_env({
         OPSRUN_HOOK = hook.name, OPSRUN_RUN_STATUS = status, OPSRUN_RUN_ID = tostring(run_id or ""),
         OPSRUN_COMMIT = commit, OPSRUN_DELIVERIES = table.concat(deliveries, ","),
-      }})
-      if not r or not r.ok then log.warn("the notify command failed: " .. (err or tostring(r.code))) end
+      })})
+      if not r or not r.ok then
+        log.warn("the notify command failed: " .. (err or (r.signal or ("exit " .. tostring(r.code)))), {hook = hook.name})
+      end
     end
     local url = n.url or (n.url_env and sys.getenv(n.url_env))
     if url then
@@ -189,15 +327,47 @@ local function notifier(settings)
   end
 end
 
+local function purge(ctx)
+  local age = ctx.settings.keep_days * 86400
+  local n = ctx.queue:purge(age)
+  ctx.db:exec("DELETE FROM serve_outcomes WHERE finished < ?", time.now() - age)
+  if n and n > 0 then log.info("forgot " .. n .. " deliveries done more than " .. ctx.settings.keep_days .. " days ago") end
+end
+
+-- A worker loop that fails (a bug, the store gone) is logged and started again.
+local function supervise(ctx, name)
+  while not ctx.stopping and ctx.settings.hooks[name] do
+    local ok, err = xpcall(worker.loop, debug.traceback, ctx, name)
+    if ok then return end
+    log.error("the worker failed, restarting it in 5s: " .. failure.message(err), {hook = name})
+    ops.sleep(5)
+  end
+end
+
+local function start_workers(ctx)
+  for _, name in ipairs(sorted_keys(ctx.settings.hooks)) do
+    local t = ctx.workers[name]
+    local st = t and t:status()
+    if not t or st == "done" or st == "failed" or st == "cancelled" then
+      ctx.workers[name] = ops.spawn(supervise, ctx, name)
+    end
+  end
+end
+
 --- serve.start(settings) -> ctx : listens, starts one worker loop per hook, returns at once
 function serve.start(settings)
   local db = history.open(settings.store)
+  local mok, merr = db:migrate(serve.MIGRATIONS, {component = "ops.serve"})
+  if not mok then failure.raise("the state store " .. settings.store .. " cannot be used: " .. tostring(merr)) end
   local queue = assert(db:queue(QUEUE, {max_attempts = 5, backoff = 5, max_backoff = 600}))
   local ctx = {
-    settings = settings, db = db, queue = queue, metrics = metrics(), workers = {},
+    settings = settings, db = db, queue = queue, metrics = metrics(), workers = {}, busy = {},
     slots = semaphore(settings.jobs), waiting = {}, stopping = false,
+    nonce = crypto.random_hex(4), opsrun = fs.realpath("/proc/self/exe") or arg[-1] or "opsrun",
   }
-  ctx.notify = notifier(settings)
+  ctx.me = string.format("%s:%d:%s", sys.hostname(), sys.pid(), ctx.nonce)
+  ctx.notify = notifier(ctx)
+  ctx.store_delivery = delivery_writer(ctx)
   function ctx.wake(name)
     local t = ctx.waiting[name]
     if t then
@@ -210,18 +380,55 @@ function serve.start(settings)
     sched.suspend(5) -- a delivery wakes it; backoff retries become due on their own
     ctx.waiting[name] = nil
   end
+  --- the environment of programs the workers start: without the hooks' secrets
+  function ctx.child_env(extra)
+    local env = {}
+    for _, h in pairs(ctx.settings.hooks) do
+      if h.secret_env then env[h.secret_env] = false end
+    end
+    for k, v in pairs(extra or {}) do env[k] = v end
+    return env
+  end
+  function ctx.last_commit(name)
+    local row = ctx.db:query("SELECT commit_id FROM serve_targets WHERE hook = ?", name)[1]
+    return row and row.commit_id
+  end
+  --- marks the items done and records their outcome, in one transaction
+  function ctx.finish(hook, me, items, status, run_id, target)
+    local now = time.now()
+    ctx.db:transaction(function()
+      for _, it in ipairs(items) do
+        if ctx.queue:complete(it.id, me) then
+          local p = json.decode(it.payload)
+          assert(ctx.db:exec("INSERT OR REPLACE INTO serve_outcomes (id, hook, delivery, commit_id, status, run_id, finished) "
+            .. "VALUES (?, ?, ?, ?, ?, ?, ?)", it.id, hook.name, p.delivery, target, status, run_id, now))
+        else
+          log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = it.id})
+        end
+      end
+      if target then
+        assert(ctx.db:exec("INSERT INTO serve_targets (hook, commit_id, at) VALUES (?, ?, ?) "
+          .. "ON CONFLICT (hook) DO UPDATE SET commit_id = excluded.commit_id, at = excluded.at", hook.name, target, now))
+      end
+    end)
+    ctx.metrics.push(status, #items)
+  end
   resume_dead(ctx)
+  purge(ctx)
   local server, err = ops.http.serve({
     listen = settings.listen, max_body = settings.max_body,
     handler = function(req) return serve.handle(ctx, req) end,
   })
-  if not server then error("cannot listen on " .. settings.listen .. ": " .. tostring(err), 0) end
+  if not server then failure.raise("cannot listen on " .. settings.listen .. ": " .. tostring(err) .. " (listen: in " .. tostring(settings.file) .. ", or --listen)") end
   ctx.server = server
-  for _, name in ipairs(sorted_keys(settings.hooks)) do
-    ctx.workers[name] = ops.spawn(worker.loop, ctx, settings.hooks[name])
-  end
-  log.info("listening on " .. settings.listen .. (server.port and (" (port " .. server.port .. ")") or ""),
-    {hooks = table.concat(sorted_keys(settings.hooks), ",")})
+  start_workers(ctx)
+  ctx.housekeeper = ops.spawn(function()
+    while true do
+      ops.sleep(3600)
+      pcall(purge, ctx)
+    end
+  end)
+  log.info("listening on " .. server.address, {hooks = table.concat(sorted_keys(settings.hooks), ",")})
   return ctx
 end
 
@@ -234,31 +441,33 @@ function serve.stop(ctx)
   for name in pairs(ctx.waiting) do ctx.wake(name) end
   local deadline = time.monotonic() + ctx.settings.drain
   ctx.server:close(math.max(1, ctx.settings.drain))
+  ctx.housekeeper:cancel()
   for name, t in pairs(ctx.workers) do
     local ok = t:wait(math.max(0, deadline - time.monotonic()))
     if not ok and t:status() ~= "failed" and t:status() ~= "done" then
       t:cancel()
-      log.warn("handed back unfinished work", {hook = name})
+      log.warn("handed back unfinished work: it is deployed after the next start", {hook = name})
     end
   end
-  local me = string.format("%s:%d:%%", sys.hostname(), sys.pid())
-  ctx.db:exec("UPDATE ops_queue SET available_at = 0 WHERE queue = ? AND state = 'leased' AND worker LIKE ?", QUEUE, me)
+  ctx.writer:cancel()
+  ctx.db:exec("UPDATE ops_queue SET available_at = 0 WHERE queue = ? AND state = 'leased' AND worker LIKE ?",
+    QUEUE, ctx.me .. ":%")
   ctx.db:close()
   log.info("stopped")
 end
 
---- serve.reload(ctx, settings) : new hooks, secrets and settings (listen stays)
+--- serve.reload(ctx, settings) : new hooks, secrets and settings (listen, store, jobs and
+--- max_body need a restart); a removed hook's worker ends after its current deploy
 function serve.reload(ctx, settings)
-  if settings.listen ~= ctx.settings.listen then
-    log.warn("listen changed in the config: restart opsrun serve to use it")
-  end
-  settings.listen = ctx.settings.listen
-  ctx.settings = settings
-  for name, hook in pairs(settings.hooks) do
-    if not ctx.workers[name] or ctx.workers[name]:status() ~= "waiting" and ctx.workers[name]:status() ~= "running" and ctx.workers[name]:status() ~= "ready" then
-      ctx.workers[name] = ops.spawn(worker.loop, ctx, hook)
+  for _, k in ipairs({"listen", "store", "jobs", "max_body"}) do
+    if settings[k] ~= ctx.settings[k] then
+      log.warn(k .. " changed in the config: restart opsrun serve to use it")
+      settings[k] = ctx.settings[k]
     end
   end
+  ctx.settings = settings
+  start_workers(ctx)
+  for name in pairs(ctx.waiting) do ctx.wake(name) end
   log.info("config reloaded", {hooks = table.concat(sorted_keys(settings.hooks), ",")})
 end
 

@@ -3,7 +3,7 @@
 --   push = {delivery, event, ref, branch, before, after, deleted, created, forced,
 --           commits (the payload's list: a hint only), repository}
 -- status is the HTTP answer for a delivery that stops here (401 unsigned, 400 malformed,
--- 200 ping, 202 ignored).
+-- 200 ping, 202 ignored). The signature is checked before anything else is read.
 local crypto = require "ops.crypto"
 local json = require "ops.json"
 
@@ -23,13 +23,47 @@ local function is_sha(s)
   return type(s) == "string" and (#s == 40 or #s == 64) and not s:find("[^0-9a-f]")
 end
 
+local function url_decode(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- GitHub sends application/x-www-form-urlencoded when the hook's content type is
+-- "form": the JSON is the `payload` field (the signature still covers the raw body).
+-- A JSON body under that content type (curl -d) is read as JSON.
+local function json_text(req)
+  local ctype = (header(req, "content-type") or ""):lower()
+  if ctype:find("application/x-www-form-urlencoded", 1, true) and not req.body:match("^%s*[%[{]") then
+    for field in req.body:gmatch("[^&]+") do
+      local k, v = field:match("^([^=]*)=(.*)$")
+      if k == "payload" then return url_decode(v) end
+    end
+    return nil, "a form-encoded body without a payload field"
+  end
+  return req.body
+end
+
+-- A path a forge would send: relative, no empty, `.` or `..` part, no control bytes.
+local function sane_path(p)
+  if type(p) ~= "string" or p == "" or #p > 4096 or p:sub(1, 1) == "/" or p:find("[%z\1-\31\127]") then
+    return false
+  end
+  for part in (p .. "/"):gmatch("([^/]*)/") do
+    if part == "" or part == "." or part == ".." then return false end
+  end
+  return true
+end
+
 --- Reads a push payload into the common shape; nil, 400, reason when it is not one.
-local function parse_push(body, delivery, event)
-  local p, err = json.decode(body)
-  if type(p) ~= "table" then return nil, 400, "the body is not JSON: " .. tostring(err) end
+local function parse_push(req, delivery, event)
+  local text, terr = json_text(req)
+  if not text then return nil, 400, terr end
+  local p, err = json.decode(text)
+  if type(p) ~= "table" then return nil, 400, "the body is not a JSON object: " .. tostring(err or type(p)) end
   local ref, before, after = p.ref, p.before, p.after
   if type(ref) ~= "string" or not ref:match("^refs/") then return nil, 400, "the payload has no ref" end
-  if #ref > 255 or ref:find("%.%.") or ref:find("[%z\1-\31\127 ~^:?*%[\\]") then
+  if #ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
+    or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]") then
     return nil, 400, "the ref is not a valid git ref name"
   end
   if not is_sha(before) or not is_sha(after) then
@@ -37,9 +71,21 @@ local function parse_push(body, delivery, event)
   end
   local branch = ref:match("^refs/heads/(.+)$")
   local commits = {}
-  if type(p.commits) == "table" then
+  if p.commits ~= nil and p.commits ~= json.null then
+    if type(p.commits) ~= "table" then return nil, 400, "commits must be a list" end
     for _, c in ipairs(p.commits) do
       if type(c) == "table" then
+        for _, list in ipairs({"added", "modified", "removed"}) do
+          local paths = c[list]
+          if paths ~= nil and paths ~= json.null then
+            if type(paths) ~= "table" then return nil, 400, "commits[]." .. list .. " must be a list of paths" end
+            for _, path in ipairs(paths) do
+              if not sane_path(path) then
+                return nil, 400, "commits[]." .. list .. " holds a path that is not a relative path inside the repo"
+              end
+            end
+          end
+        end
         commits[#commits + 1] = {id = c.id, added = c.added, modified = c.modified, removed = c.removed}
       end
     end
@@ -49,9 +95,11 @@ local function parse_push(body, delivery, event)
   return {
     delivery = delivery, event = event, ref = ref, branch = branch, before = before, after = after,
     created = before:match("^0+$") ~= nil, deleted = after:match("^0+$") ~= nil,
-    forced = p.forced == true, commits = commits, repository = repo,
+    forced = p.forced == true, commits = commits, repository = type(repo) == "string" and repo or nil,
   }
 end
+
+local function valid_id(s) return type(s) == "string" and s ~= "" and #s <= 128 and not s:find("[%z\1-\31\127]") end
 
 verify.providers = {}
 
@@ -63,46 +111,48 @@ function verify.providers.github(hook, req)
   local event = header(req, "x-github-event")
   local delivery = header(req, "x-github-delivery")
   if event == "ping" then return nil, 200, "pong" end
-  if event ~= "push" then return nil, 202, "event '" .. tostring(event) .. "' is not handled" end
-  if type(delivery) ~= "string" or delivery == "" or #delivery > 128 then
-    return nil, 400, "missing X-GitHub-Delivery"
+  if event ~= "push" then return nil, 202, "event '" .. tostring(event) .. "' is not handled (only push)" end
+  if not valid_id(delivery) then
+    return nil, 400, "missing or invalid X-GitHub-Delivery (at most 128 printable characters)"
   end
-  return parse_push(req.body, delivery, event)
+  return parse_push(req, delivery, event)
 end
 
 --- GitLab: X-Gitlab-Token (the secret itself), X-Gitlab-Event: Push Hook, X-Gitlab-Event-UUID
 function verify.providers.gitlab(hook, req)
   local token = header(req, "x-gitlab-token")
-  if type(token) ~= "string" or not crypto.equals(token, hook.secret) then
+  -- compare digests: equal lengths, so not even the token's length leaks
+  if type(token) ~= "string" or not crypto.equals(crypto.sha256(token), crypto.sha256(hook.secret)) then
     return nil, 401, "missing or wrong X-Gitlab-Token"
   end
   local event = header(req, "x-gitlab-event")
-  if event ~= "Push Hook" then return nil, 202, "event '" .. tostring(event) .. "' is not handled" end
+  if event ~= "Push Hook" then return nil, 202, "event '" .. tostring(event) .. "' is not handled (only Push Hook)" end
   local delivery = header(req, "x-gitlab-event-uuid") or header(req, "x-gitlab-webhook-uuid")
-  if type(delivery) ~= "string" or delivery == "" or #delivery > 128 then
+  if not valid_id(delivery) then
     -- older GitLab sends no id: the body itself identifies a redelivery
     delivery = "sha256:" .. crypto.sha256(req.body)
   end
-  return parse_push(req.body, delivery, "push")
+  return parse_push(req, delivery, "push")
 end
 
 --- Gitea and Forgejo: X-Gitea-Signature / X-Forgejo-Signature (bare hex HMAC-SHA256)
 function verify.providers.gitea(hook, req)
-  local sig = header(req, "x-gitea-signature") or header(req, "x-forgejo-signature")
+  local sig = header(req, "x-forgejo-signature") or header(req, "x-gitea-signature")
   if not check_hmac(hook.secret, req.body, sig) then
-    return nil, 401, "missing or wrong X-Gitea-Signature"
+    return nil, 401, "missing or wrong X-Gitea-Signature / X-Forgejo-Signature"
   end
-  local event = header(req, "x-gitea-event") or header(req, "x-forgejo-event")
-  local delivery = header(req, "x-gitea-delivery") or header(req, "x-forgejo-delivery")
-  if event ~= "push" then return nil, 202, "event '" .. tostring(event) .. "' is not handled" end
-  if type(delivery) ~= "string" or delivery == "" or #delivery > 128 then
+  local event = header(req, "x-forgejo-event") or header(req, "x-gitea-event")
+  local delivery = header(req, "x-forgejo-delivery") or header(req, "x-gitea-delivery")
+  if event ~= "push" then return nil, 202, "event '" .. tostring(event) .. "' is not handled (only push)" end
+  if not valid_id(delivery) then
     delivery = "sha256:" .. crypto.sha256(req.body)
   end
-  return parse_push(req.body, delivery, "push")
+  return parse_push(req, delivery, "push")
 end
 verify.providers.forgejo = verify.providers.gitea
 
 verify.ZERO = ZERO
 verify.is_sha = is_sha
+verify.sane_path = sane_path
 
 return verify

@@ -1,21 +1,34 @@
--- ops.serve.worker: takes pushes from the store and deploys them. One loop per hook, so
--- pushes to the same target are serialised; all the deliveries waiting for a hook when
--- its loop comes round are coalesced into one deploy (oldest before .. newest after).
+-- ops.serve.worker: takes pushes from the store and deploys them. One loop per hook (a
+-- target: one repo and branch), so pushes to the same target are serialised; all the
+-- deliveries waiting for a hook when its loop comes round are coalesced into one deploy
+-- of the newest commit. Different hooks deploy at once, up to settings.jobs.
+--
+-- What a group of pushes deploys (docs/serve.md, "Which commit, which changes"):
+--   deleted ref   a group that ends with a deletion deploys nothing (pushes before the
+--                 deletion are superseded by it); deleting never removes anything
+--   target        the `after` of the last push received, or a descendant of it that
+--                 another push of the group brought (deliveries can arrive out of order)
+--   changes       for each push, git diff --name-status before..target; a new branch
+--                 (before all zeros), or a before that is no longer in the mirror (a
+--                 forced push followed by gc), counts every file of the target as added
+--   stale         a push entirely behind the commit last processed for the hook (a late
+--                 redelivery of an old push) deploys nothing: it would roll back. A forced
+--                 push to an older commit starts from the processed commit, so it deploys.
 local ops = require "ops"
 local fs = require "ops.fs"
 local log = require "ops.log"
 local json = require "ops.json"
 local time = require "ops.time"
-local sys = require "ops.sys"
 local failure = require "ops.deploy.failure"
 local git = require "ops.serve.git"
 
 local worker = {}
 
 worker.MAPPERS = {environments = "ops.serve.environments", plans = "ops.serve.plans"}
+worker.MAX_GROUP = 100 -- deliveries coalesced into one deploy at most
 
 -- Log lines instead of stdout, for the deploy summary.
-local function log_writer(hook)
+local function log_writer(fields)
   local buf = {}
   return {
     write = function(self, ...)
@@ -23,7 +36,7 @@ local function log_writer(hook)
       local text = table.concat(buf)
       buf = {}
       for line in (text .. "\n"):gmatch("([^\n]*)\n") do
-        if line ~= "" then log.info(line, {hook = hook}) end
+        if line ~= "" then log.info(line, fields) end
       end
       return self
     end,
@@ -31,81 +44,183 @@ local function log_writer(hook)
   }
 end
 
---- worker.process(ctx, hook, items) -> status : deploys what the items' pushes changed
-function worker.process(ctx, hook, items)
-  local pushes = {}
-  for _, it in ipairs(items) do pushes[#pushes + 1] = json.decode(it.payload) end
-  local first, last = pushes[1], pushes[#pushes]
-  local deliveries = {}
-  for _, p in ipairs(pushes) do deliveries[#deliveries + 1] = p.delivery end
-  local lg = log.with({hook = hook.name, commit = last.after:sub(1, 12)})
-  if last.deleted then
-    lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
-    return "nothing"
+--- worker.plan(mirror, pushes, last) -> {target, changes, before} | {status = reason}
+--- pushes in the order they were received; last is the commit last processed for the hook.
+function worker.plan(mirror, pushes, last)
+  -- a group holds up to MAX_GROUP pushes, mostly of a few commits: ask git once per question
+  local known, order = {}, {}
+  local git = {
+    has_commit = function(dir, sha)
+      if known[sha] == nil then known[sha] = git.has_commit(dir, sha) end
+      return known[sha]
+    end,
+    is_ancestor = function(dir, a, b)
+      local k = a .. " " .. b
+      if order[k] == nil then order[k] = git.is_ancestor(dir, a, b) end
+      return order[k]
+    end,
+    changes = git.changes,
+  }
+  local live = {}
+  for _, p in ipairs(pushes) do
+    if p.deleted then live = {} else live[#live + 1] = p end
   end
-  local mirror = git.mirror(fs.join(ctx.settings.mirrors, hook.name .. ".git"), hook.repo)
-  if not git.has_commit(mirror, last.after) then
-    failure.raise("commit " .. last.after .. " is not in " .. hook.repo .. " after a fetch")
+  if #live == 0 then return {status = "deleted"} end
+  local target = live[#live].after
+  for _, p in ipairs(live) do
+    if p.after ~= target and git.has_commit(mirror, p.after) and git.is_ancestor(mirror, target, p.after) then
+      target = p.after
+    end
   end
-  -- a new branch, or a before that a forced push made unreachable and gc removed:
-  -- everything in the tree counts as added
-  local before = first.before
-  if first.created or not git.has_commit(mirror, before) then
-    if not first.created then lg.warn("commit " .. before .. " is gone (forced push?): deploying everything") end
-    before = nil
+  if not git.has_commit(mirror, target) then
+    failure.raise("commit " .. target .. " is not in the repo after a fetch (not pushed yet, or pushed to another remote)")
   end
-  local changes = git.changes(mirror, before, last.after)
-  local tmp <close> = fs.tempdir("opsrun-serve-")
-  local checkout = fs.join(tmp.path, "repo")
-  git.checkout(mirror, last.after, checkout)
-  local mapper = require(worker.MAPPERS[hook.mode])
-  lg.info(string.format("%d deliveries, %d changed paths", #items, #changes))
-  local t0 = time.monotonic()
-  local status, run_id = mapper.run({
-    hook = hook, checkout = checkout, mirror = mirror, changes = changes, deliveries = deliveries,
-    before = before, after = last.after, store = ctx.settings.store, out = log_writer(hook.name),
-  })
-  ctx.metrics.observe_run(status, time.monotonic() - t0)
-  lg.info("done: " .. status .. (run_id and (" (run " .. run_id .. ")") or ""))
-  if ctx.notify then ctx.notify(hook, status, run_id, deliveries, last.after) end
-  return status, run_id
+  if last and last ~= target and git.has_commit(mirror, last) and git.is_ancestor(mirror, target, last) then
+    local stale = true
+    for _, p in ipairs(live) do
+      if p.created or p.before == last or not git.has_commit(mirror, p.before)
+        or not git.is_ancestor(mirror, p.before, last) then
+        stale = false
+      end
+    end
+    if stale then return {status = "stale", target = target} end
+  end
+  local seen, paths, changes, everything = {}, {}, {}, false
+  for _, p in ipairs(live) do
+    if p.created or not git.has_commit(mirror, p.before) then
+      everything = true
+    elseif not seen[p.before] then
+      seen[p.before] = true
+      for _, c in ipairs(git.changes(mirror, p.before, target)) do
+        local prev = paths[c.path]
+        if not prev then
+          paths[c.path] = c
+          changes[#changes + 1] = c
+        elseif prev.status ~= c.status then
+          prev.status = "M"
+        end
+      end
+    end
+  end
+  if everything then changes = git.changes(mirror, nil, target) end
+  table.sort(changes, function(a, b) return a.path < b.path end)
+  return {target = target, changes = changes, everything = everything,
+    before = (not everything and #live == 1) and live[1].before or nil}
 end
 
---- worker.loop(ctx, hook) : claims and processes this hook's pushes until ctx.stopping
-function worker.loop(ctx, hook)
-  local me = string.format("%s:%d:%s", sys.hostname(), sys.pid(), hook.name)
-  local kind = "push:" .. hook.name
-  while not ctx.stopping do
-    local item = ctx.queue:claim(me, ctx.settings.lease, {kind})
-    if not item then
-      ctx.wait_for_work(hook.name)
-    else
-      local items = {item}
-      while true do -- coalesce what else is waiting for this target
-        local more = ctx.queue:claim(me, ctx.settings.lease, {kind})
-        if not more then break end
-        items[#items + 1] = more
+--- worker.process(ctx, hook, items) -> status, run id, target commit
+--- status: succeeded | failed | interrupted (a run happened) or nothing | deleted | stale
+function worker.process(ctx, hook, items)
+  local pushes, deliveries = {}, {}
+  for _, it in ipairs(items) do
+    local p = json.decode(it.payload)
+    pushes[#pushes + 1] = p
+    deliveries[#deliveries + 1] = p.delivery
+  end
+  local newest = pushes[#pushes]
+  local lg = log.with({hook = hook.name, commit = newest.after:sub(1, 12)})
+  if newest.deleted then
+    lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
+    return "deleted", nil, nil
+  end
+  local mirror = git.mirror(fs.join(ctx.settings.mirrors, hook.name .. ".git"), hook.repo)
+  local plan = worker.plan(mirror, pushes, ctx.last_commit(hook.name))
+  if plan.status == "deleted" then
+    lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
+    return "deleted", nil, nil
+  elseif plan.status == "stale" then
+    lg.warn("push behind the commit already processed (a late or repeated delivery): not deployed, it would roll back",
+      {deliveries = table.concat(deliveries, ",")})
+    return "stale", nil, nil
+  end
+  lg = log.with({hook = hook.name, commit = plan.target:sub(1, 12)})
+  if plan.everything then lg.info("a new branch, or its previous commit is gone (forced push): every file counts as changed") end
+  lg.info(string.format("%d deliveries, %d changed paths", #items, #plan.changes))
+  if #plan.changes == 0 then return "nothing", nil, plan.target end
+  local tmp <close> = fs.tempdir("opsrun-serve-")
+  local checkout = fs.join(tmp.path, "repo")
+  git.checkout(mirror, plan.target, checkout)
+  local mapper = require(worker.MAPPERS[hook.mode])
+  local t0 = time.monotonic()
+  local status, run_id = mapper.run({
+    hook = hook, checkout = checkout, mirror = mirror, changes = plan.changes, deliveries = deliveries,
+    before = plan.before, after = plan.target, store = ctx.settings.store, db = ctx.db,
+    out = log_writer({hook = hook.name}), log = lg, opsrun = ctx.opsrun, env = ctx.child_env(),
+  })
+  if status ~= "nothing" then
+    ctx.metrics.observe_run(status, time.monotonic() - t0)
+    lg.info("done: " .. status .. (run_id and (" (run " .. run_id .. ")") or ""))
+    if ctx.notify then ctx.notify(hook, status, run_id, deliveries, plan.target) end
+  else
+    lg.info("nothing to deploy: the changes map to no target")
+  end
+  return status, run_id, plan.target
+end
+
+-- Renews the leases of the items while their deploy runs; a lease lost (another
+-- process took the item after a long stall) is logged, and the work goes on.
+local function keep_leases(ctx, me, items)
+  return ops.spawn(function()
+    while true do
+      ops.sleep(ctx.settings.lease / 3)
+      for _, it in ipairs(items) do
+        local ok = ctx.queue:extend(it.id, me, ctx.settings.lease)
+        if not ok then log.warn("lost the lease of a delivery being deployed", {id = it.id}) end
       end
-      ctx.slots:acquire()
-      local ok, status = pcall(function()
-        -- keep the leases alive while the deploy runs
-        local keeper = ops.spawn(function()
-          while true do
-            ops.sleep(ctx.settings.lease / 3)
-            for _, it in ipairs(items) do ctx.queue:extend(it.id, me, ctx.settings.lease) end
-          end
-        end)
+    end
+  end)
+end
+
+--- worker.loop(ctx, name) : claims and processes hook `name`'s pushes until ctx.stopping,
+--- or until a reload removes the hook
+function worker.loop(ctx, name)
+  local me = ctx.me .. ":" .. name
+  local kind = "push:" .. name
+  while not ctx.stopping do
+    local hook = ctx.settings.hooks[name]
+    if not hook then return end
+    ctx.slots:acquire()
+    local items = {}
+    local released = false
+    local function release()
+      if not released then released = true; ctx.slots:release() end
+    end
+    local guard <close> = setmetatable({}, {__close = release})
+    -- one transaction (one fsync) for the whole group
+    local ok_claim, claim_err = pcall(ctx.db.transaction, ctx.db, function()
+      while #items < worker.MAX_GROUP and not ctx.stopping do
+        local item, err = ctx.queue:claim(me, ctx.settings.lease, {kind})
+        if not item then
+          if err then error(err, 0) end
+          break
+        end
+        items[#items + 1] = item
+      end
+    end)
+    if not ok_claim then
+      items = {}
+      log.error("cannot claim deliveries: " .. tostring(claim_err), {hook = name})
+    end
+    if #items == 0 then
+      release()
+      if not ctx.stopping then ctx.wait_for_work(name) end
+    else
+      table.sort(items, function(a, b) return a.id < b.id end)
+      ctx.busy[name] = true
+      local ok, status, run_id, target = pcall(function()
+        local keeper = keep_leases(ctx, me, items)
         local closer <close> = setmetatable({}, {__close = function() keeper:cancel() end})
         return worker.process(ctx, hook, items)
       end)
-      ctx.slots:release()
+      ctx.busy[name] = nil
+      release()
       if ok then
-        for _, it in ipairs(items) do ctx.queue:complete(it.id, me) end
+        ctx.finish(hook, me, items, status, run_id, target)
       else
         local msg = failure.message(status)
-        log.error("deploy of a push failed before it ran: " .. msg, {hook = hook.name})
+        log.error("a push could not be deployed: " .. msg .. " (tried again later)", {hook = name})
         for _, it in ipairs(items) do ctx.queue:fail(it.id, me, msg) end
-        ctx.metrics.observe_run("error", 0)
+        ctx.metrics.push("error", #items)
       end
     end
   end
