@@ -13,12 +13,18 @@
  * Error messages name "METHOD scheme://host:port/path" and never carry the URL's userinfo
  * or query, nor a password, token or Authorization value: libcurl's own detail text is
  * dropped when it contains any of them.
+ *
+ * libcurl is not linked but loaded (dlopen) by the first request: Debian's libcurl brings
+ * some twenty libraries with it (gnutls, Kerberos, LDAP, libssh2, ...) and loading them
+ * made every opsrun start-up several times slower, HTTP or not. <curl/curl.h> still gives
+ * the types and constants; the functions are called through the `curl` table below.
  */
 #define _GNU_SOURCE
 
 #include "opsrun.h"
 
 #include <curl/curl.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -83,6 +89,51 @@ typedef struct {
   request *r;
 } guard;
 
+/* ---- libcurl, loaded on first use ---- */
+
+#define CURL_LIBRARY "libcurl.so.4"
+#define CURL_FUNCTIONS(X)                                                                          \
+  X(global_init) X(easy_init) X(easy_cleanup) X(easy_setopt) X(easy_getinfo) X(easy_strerror) X(free) \
+  X(multi_init) X(multi_cleanup) X(multi_setopt) X(multi_add_handle) X(multi_remove_handle)          \
+  X(multi_assign) X(multi_socket_action) X(multi_info_read) X(slist_append) X(slist_free_all) X(url) \
+  X(url_cleanup) X(url_set) X(url_get) X(url_strerror)
+
+/* curl.easy_init() calls curl_easy_init(): each member has the type of its libcurl function. */
+static struct {
+#define CURL_MEMBER(name) __typeof__(curl_##name) *name;
+  CURL_FUNCTIONS(CURL_MEMBER)
+#undef CURL_MEMBER
+} curl;
+
+static int curl_loaded;           /* 1: the table is filled; -1: loading failed */
+static char curl_load_error[512]; /* why, when it failed (dlerror's text) */
+
+/* Returns 1 once every function is resolved and libcurl initialised; 0 (curl_load_error says
+ * why) when it cannot be. Tried once: the answer does not change while opsrun runs. */
+static int curl_load(void) {
+  if (curl_loaded) return curl_loaded > 0;
+  curl_loaded = -1;
+  void *lib = dlopen(CURL_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+  if (lib == NULL) {
+    snprintf(curl_load_error, sizeof curl_load_error, "%s", dlerror());
+    return 0;
+  }
+#define CURL_RESOLVE(name)                                                                    \
+  if ((*(void **)&curl.name = dlsym(lib, "curl_" #name)) == NULL) {                            \
+    snprintf(curl_load_error, sizeof curl_load_error, "%s", dlerror());                        \
+    dlclose(lib);                                                                               \
+    return 0;                                                                                   \
+  }
+  CURL_FUNCTIONS(CURL_RESOLVE)
+#undef CURL_RESOLVE
+  if (curl.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+    snprintf(curl_load_error, sizeof curl_load_error, "%s: curl_global_init failed", CURL_LIBRARY);
+    return 0; /* stays loaded: libcurl may have started threads or handlers we cannot undo */
+  }
+  curl_loaded = 1;
+  return 1;
+}
+
 static CURLM *multi;
 static uv_timer_t multi_timer;
 static sock *socks;
@@ -135,8 +186,8 @@ static void discard_output(request *r) {
 }
 
 static void request_free(request *r) {
-  if (r->easy) curl_easy_cleanup(r->easy);
-  curl_slist_free_all(r->headers);
+  if (r->easy) curl.easy_cleanup(r->easy);
+  curl.slist_free_all(r->headers);
   if (r->body_file) fclose(r->body_file);
   if (r->out_fd >= 0) close(r->out_fd);
   if (r->body_ref != LUA_NOREF) luaL_unref(ops_main_state(), LUA_REGISTRYINDEX, r->body_ref);
@@ -154,7 +205,7 @@ static void request_free(request *r) {
 /* Ends a running request without completing its wait: the task is gone or timed out. */
 static void request_cancel(ops_wait *w) {
   request *r = (request *)((char *)w - offsetof(request, w));
-  curl_multi_remove_handle(multi, r->easy);
+  curl.multi_remove_handle(multi, r->easy);
   inflight_unlink(r);
   discard_output(r);
   request_free(r);
@@ -192,13 +243,13 @@ static void finish(request *r, CURLcode rc);
 static void drain_completions(void) {
   CURLMsg *m;
   int left;
-  while ((m = curl_multi_info_read(multi, &left)) != NULL) {
+  while ((m = curl.multi_info_read(multi, &left)) != NULL) {
     if (m->msg != CURLMSG_DONE) continue;
     CURL *easy = m->easy_handle;
     CURLcode rc = m->data.result; /* m is invalid once the handle is removed */
     char *priv = NULL;
-    curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
-    curl_multi_remove_handle(multi, easy);
+    curl.easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+    curl.multi_remove_handle(multi, easy);
     finish((request *)priv, rc);
   }
 }
@@ -213,14 +264,14 @@ static void on_poll(uv_poll_t *h, int status, int events) {
     if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
   }
   int running;
-  curl_multi_socket_action(multi, s->fd, flags, &running); /* may close s */
+  curl.multi_socket_action(multi, s->fd, flags, &running); /* may close s */
   drain_completions();
 }
 
 static void on_multi_timer(uv_timer_t *t) {
   (void)t;
   int running;
-  curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  curl.multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running);
   drain_completions();
 }
 
@@ -231,7 +282,7 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
   if (shutting_down) return 0;
   if (what == CURL_POLL_REMOVE) {
     if (s) {
-      curl_multi_assign(multi, fd, NULL);
+      curl.multi_assign(multi, fd, NULL);
       sock_close(s);
     }
     return 0;
@@ -249,7 +300,7 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
     if (socks) socks->prev = s;
     socks = s;
     if (inflight == NULL) uv_unref((uv_handle_t *)&s->poll);
-    curl_multi_assign(multi, fd, s);
+    curl.multi_assign(multi, fd, s);
   }
   int events = 0;
   if (what & CURL_POLL_IN) events |= UV_READABLE;
@@ -275,34 +326,33 @@ static int shutdown_gc(lua_State *L) {
   while (inflight) {
     request *r = inflight;
     inflight = r->next;
-    curl_multi_remove_handle(multi, r->easy);
+    curl.multi_remove_handle(multi, r->easy);
     discard_output(r);
     request_free(r);
   }
   shutting_down = 1;
   while (socks) sock_close(socks);
   uv_close((uv_handle_t *)&multi_timer, NULL);
-  curl_multi_cleanup(multi);
+  curl.multi_cleanup(multi);
   multi = NULL;
   return 0;
 }
 
 static void multi_start(lua_State *L) {
   if (multi) return;
-  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) luaL_error(L, "http: cannot initialise libcurl");
-  multi = curl_multi_init();
+  multi = curl.multi_init();
   if (multi == NULL) luaL_error(L, "http: cannot initialise libcurl");
   uv_timer_init(ops_loop(), &multi_timer);
   uv_unref((uv_handle_t *)&multi_timer);
-  curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-  curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+  curl.multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+  curl.multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
 }
 
 /* ---- transfer callbacks (no Lua here) ---- */
 
 static int status_is_success(request *r) {
   long status = 0;
-  curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+  curl.easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
   return status >= 200 && status < 300;
 }
 
@@ -380,17 +430,17 @@ static void push_headers(lua_State *co, request *r) {
 /* The effective URL without its userinfo; the query stays (it is the caller's data). */
 static void push_effective_url(lua_State *co, request *r) {
   char *eff = NULL, *clean = NULL;
-  curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
-  CURLU *u = curl_url();
-  if (u && eff && curl_url_set(u, CURLUPART_URL, eff, 0) == CURLUE_OK) {
-    curl_url_set(u, CURLUPART_USER, NULL, 0);
-    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0);
-    curl_url_set(u, CURLUPART_OPTIONS, NULL, 0);
-    curl_url_get(u, CURLUPART_URL, &clean, 0);
+  curl.easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &eff);
+  CURLU *u = curl.url();
+  if (u && eff && curl.url_set(u, CURLUPART_URL, eff, 0) == CURLUE_OK) {
+    curl.url_set(u, CURLUPART_USER, NULL, 0);
+    curl.url_set(u, CURLUPART_PASSWORD, NULL, 0);
+    curl.url_set(u, CURLUPART_OPTIONS, NULL, 0);
+    curl.url_get(u, CURLUPART_URL, &clean, 0);
   }
   lua_pushstring(co, clean ? clean : r->where);
-  curl_free(clean);
-  curl_url_cleanup(u);
+  curl.free(clean);
+  curl.url_cleanup(u);
 }
 
 static int has_secret(request *r, const char *text) {
@@ -457,8 +507,8 @@ static void push_curl_failure(lua_State *co, request *r, CURLcode rc) {
     return;
   }
   long os_errno = 0;
-  curl_easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &os_errno);
-  const char *detail = r->errbuf[0] && !has_secret(r, r->errbuf) ? r->errbuf : curl_easy_strerror(rc);
+  curl.easy_getinfo(r->easy, CURLINFO_OS_ERRNO, &os_errno);
+  const char *detail = r->errbuf[0] && !has_secret(r, r->errbuf) ? r->errbuf : curl.easy_strerror(rc);
   push_failure(co, r, code_for(rc, os_errno), detail);
 }
 
@@ -499,7 +549,7 @@ static void finish(request *r, CURLcode rc) {
     saved = ok;
   }
   long status = 0;
-  curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+  curl.easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
   lua_createtable(co, 0, 5);
   lua_pushinteger(co, status);
   lua_setfield(co, -2, "status");
@@ -552,7 +602,7 @@ static void add_secret(lua_State *L, request *r, const char *s) {
 }
 
 static void add_header(lua_State *L, request *r, const char *line) {
-  struct curl_slist *l = curl_slist_append(r->headers, line);
+  struct curl_slist *l = curl.slist_append(r->headers, line);
   if (l == NULL) luaL_error(L, "out of memory");
   r->headers = l;
 }
@@ -670,7 +720,7 @@ static long to_ms(double s) { return s * 1000.0 > 2e9 ? 0 : (long)(s * 1000.0 + 
  * as secrets. Returns NULL, or what is wrong with it (reported as EPROTO). */
 static const char *read_url(lua_State *L, request *r, const char *url) {
   add_secret(L, r, url);
-  CURLU *u = curl_url();
+  CURLU *u = curl.url();
   if (u == NULL) luaL_error(L, "out of memory");
   enum { SCHEME, HOST, PORT, PATH, USER, PASSWORD, QUERY, NPARTS };
   static const CURLUPart parts[NPARTS] = {CURLUPART_SCHEME, CURLUPART_HOST,     CURLUPART_PORT, CURLUPART_PATH,
@@ -678,16 +728,16 @@ static const char *read_url(lua_State *L, request *r, const char *url) {
   char *v[NPARTS] = {0};
   const char *problem = NULL;
   int oom = 0;
-  CURLUcode uc = curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME);
+  CURLUcode uc = curl.url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME);
   if (uc != CURLUE_OK) {
-    problem = curl_url_strerror(uc);
+    problem = curl.url_strerror(uc);
     r->where = strdup("<invalid URL>");
   } else {
     for (int i = 0; i < NPARTS; i++)
-      curl_url_get(u, parts[i], &v[i], i == PORT ? CURLU_DEFAULT_PORT : (i == USER || i == PASSWORD) ? CURLU_URLDECODE : 0);
+      curl.url_get(u, parts[i], &v[i], i == PORT ? CURLU_DEFAULT_PORT : (i == USER || i == PASSWORD) ? CURLU_URLDECODE : 0);
     if (v[SCHEME] == NULL || (strcmp(v[SCHEME], "http") != 0 && strcmp(v[SCHEME], "https") != 0)) {
       problem = "only http and https URLs are allowed";
-      for (int i = HOST; i <= PATH; i++) curl_free(v[i]), v[i] = NULL; /* "file://" names no port */
+      for (int i = HOST; i <= PATH; i++) curl.free(v[i]), v[i] = NULL; /* "file://" names no port */
     }
     size_t n = 8;
     for (int i = SCHEME; i <= PATH; i++) n += v[i] ? strlen(v[i]) : 0;
@@ -706,8 +756,8 @@ static const char *read_url(lua_State *L, request *r, const char *url) {
       r->nsecrets++;
     }
   }
-  for (int i = 0; i < NPARTS; i++) curl_free(v[i]);
-  curl_url_cleanup(u);
+  for (int i = 0; i < NPARTS; i++) curl.free(v[i]);
+  curl.url_cleanup(u);
   if (oom || r->where == NULL) luaL_error(L, "out of memory");
   return problem;
 }
@@ -731,7 +781,7 @@ static int fail_errno(lua_State *L, guard *g, int e, const char *what, const cha
 
 #define SETOPT(opt, val)                                                                     \
   do {                                                                                       \
-    if (curl_easy_setopt(easy, opt, val) != CURLE_OK) return luaL_error(L, "http: libcurl refused " #opt); \
+    if (curl.easy_setopt(easy, opt, val) != CURLE_OK) return luaL_error(L, "http: libcurl refused " #opt); \
   } while (0)
 
 /* http_client.request(opts) -> response | nil, err, code */
@@ -739,6 +789,12 @@ static int l_request(lua_State *L) {
   ops_check_task(L, "http.request");
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 1);
+  if (!curl_load()) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "libcurl is not available: %s", curl_load_error);
+    lua_pushliteral(L, "ENOSYS");
+    return 3;
+  }
   multi_start(L);
 
   guard *g = lua_newuserdatauv(L, sizeof *g, 0); /* 2 */
@@ -820,7 +876,7 @@ static int l_request(lua_State *L) {
     r->part_created = 1;
   }
 
-  CURL *easy = r->easy = curl_easy_init();
+  CURL *easy = r->easy = curl.easy_init();
   if (easy == NULL) return luaL_error(L, "http: cannot make a libcurl handle");
   SETOPT(CURLOPT_PRIVATE, (char *)r);
   SETOPT(CURLOPT_ERRORBUFFER, r->errbuf);
@@ -882,7 +938,7 @@ static int l_request(lua_State *L) {
   if (r->headers) SETOPT(CURLOPT_HTTPHEADER, r->headers);
 
   r->start = uv_hrtime();
-  if (curl_multi_add_handle(multi, easy) != CURLM_OK) return fail_now(L, g, "EIO", "libcurl refused the transfer");
+  if (curl.multi_add_handle(multi, easy) != CURLM_OK) return fail_now(L, g, "EIO", "libcurl refused the transfer");
   g->r = NULL; /* the multi owns it now */
   if (inflight == NULL) set_loop_ref(1);
   inflight_link(r);

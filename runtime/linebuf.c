@@ -83,42 +83,67 @@ void ops_tailbuf_init(ops_tailbuf *t, size_t limit) {
   t->limit = limit;
 }
 
-int ops_tailbuf_append(ops_tailbuf *t, const char *data, size_t n) {
-  if (t->limit == 0) {
-    t->truncated |= n > 0;
-    return 0;
+static void commit(ops_tailbuf *t, size_t n) {
+  if (t->len + n > t->cap) {
+    t->start = (t->start + t->len + n - t->cap) % t->cap;
+    t->len = t->cap;
+    t->truncated = 1;
+  } else {
+    t->len += n;
   }
+}
+
+/* A ring: each byte is copied in once, however much passes through. It grows (unwrapped)
+ * up to `limit` bytes and wraps only once it is full. */
+int ops_tailbuf_append(ops_tailbuf *t, const char *data, size_t n) {
+  if (n == 0) return 0;
   if (n >= t->limit) {
     t->truncated |= n > t->limit || t->len > 0;
     data += n - t->limit;
     n = t->limit;
-    t->len = 0;
+    t->len = t->start = 0;
+    if (n == 0) return 0;
   }
-  size_t max = 2 * t->limit; /* room to append before sliding back to `limit` bytes */
-  if (t->len + n > max) {
-    size_t keep = t->limit - n;
-    memmove(t->buf, t->buf + t->len - keep, keep);
-    t->len = keep;
-    t->truncated = 1;
-  }
-  if (t->len + n > t->cap) {
+  if (t->len + n > t->cap && t->cap < t->limit) {
     size_t cap = t->cap ? t->cap : 1024;
     while (cap < t->len + n) cap *= 2;
-    if (cap > max) cap = max;
-    char *b = realloc(t->buf, cap);
+    if (cap > t->limit) cap = t->limit;
+    char *b = realloc(t->buf, cap); /* start is 0 until the ring is full */
     if (b == NULL) return -1;
     t->buf = b;
     t->cap = cap;
   }
-  memcpy(t->buf + t->len, data, n);
-  t->len += n;
+  size_t at = (t->start + t->len) % t->cap;
+  size_t first = n < t->cap - at ? n : t->cap - at;
+  memcpy(t->buf + at, data, first);
+  memcpy(t->buf, data + first, n - first);
+  commit(t, n);
   return 0;
 }
 
-const char *ops_tailbuf_data(const ops_tailbuf *t, size_t *len) {
-  if (t->len > t->limit) {
-    *len = t->limit;
-    return t->buf + t->len - t->limit;
+char *ops_tailbuf_space(ops_tailbuf *t, size_t *n) {
+  if (t->cap != t->limit || t->limit == 0) return NULL;
+  size_t at = (t->start + t->len) % t->cap;
+  if (*n > t->cap - at) *n = t->cap - at;
+  return t->buf + at;
+}
+
+void ops_tailbuf_commit(ops_tailbuf *t, size_t n) { commit(t, n); }
+
+static void reverse(char *p, size_t n) {
+  for (size_t i = 0, j = n; i + 1 < j; i++, j--) {
+    char c = p[i];
+    p[i] = p[j - 1];
+    p[j - 1] = c;
+  }
+}
+
+const char *ops_tailbuf_data(ops_tailbuf *t, size_t *len) {
+  if (t->start) { /* rotate the oldest byte to the front, in place */
+    reverse(t->buf, t->start);
+    reverse(t->buf + t->start, t->cap - t->start);
+    reverse(t->buf, t->cap);
+    t->start = 0;
   }
   *len = t->len;
   return t->buf ? t->buf : "";

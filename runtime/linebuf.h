@@ -22,15 +22,22 @@ void ops_linebuf_free(ops_linebuf *lb);
 
 /* Keeps at most `limit` bytes: the most recent ones. */
 typedef struct {
-  char *buf;
+  char *buf;  /* a ring of cap bytes (cap <= limit) */
   size_t len, cap, limit;
+  size_t start; /* where the oldest kept byte is */
   int truncated;
 } ops_tailbuf;
 
 void ops_tailbuf_init(ops_tailbuf *t, size_t limit);
+/* Returns 0, or -1 when out of memory. */
 int ops_tailbuf_append(ops_tailbuf *t, const char *data, size_t n);
-/* The kept bytes (at most limit) and their length. */
-const char *ops_tailbuf_data(const ops_tailbuf *t, size_t *len);
+/* Once the ring has grown to `limit`: where the next bytes go and how many fit there
+ * (at most *n), so that a reader can fill it in place and then commit what it wrote,
+ * instead of appending a copy. NULL while the ring is still growing. */
+char *ops_tailbuf_space(ops_tailbuf *t, size_t *n);
+void ops_tailbuf_commit(ops_tailbuf *t, size_t n);
+/* The kept bytes (at most limit), oldest first, and their length; valid until the next append. */
+const char *ops_tailbuf_data(ops_tailbuf *t, size_t *len);
 void ops_tailbuf_free(ops_tailbuf *t);
 
 #endif

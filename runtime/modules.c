@@ -87,7 +87,7 @@ static int load_builtin(lua_State *L, const char *name) {
   }
   const ops_embedded *e = ops_embedded_find(name);
   if (e == NULL) return 0;
-  if (luaL_loadbufferx(L, e->src, e->len, e->chunk, "t") != LUA_OK)
+  if (luaL_loadbufferx(L, e->src, e->len, e->chunk, "b") != LUA_OK) /* precompiled by embed */
     return luaL_error(L, "error loading built-in module '%s':\n\t%s", name, lua_tostring(L, -1));
   lua_pushstring(L, e->chunk + 1);
   return 2;

@@ -40,6 +40,7 @@ typedef struct {
   const char *name;
   int mode;
   int reading; /* our read end is open */
+  int grown;   /* the pipe was made larger (it filled up) */
   int cb_ref;  /* line callback, or LUA_NOREF */
   ops_linebuf lines;
   ops_tailbuf tail;
@@ -73,7 +74,15 @@ enum { PH_RUN, PH_TERM, PH_KILL };
 
 static proc *live;
 static int live_count;
-static char readbuf[65536];
+/* A pipe that fills up (PIPE_GROW_AT: Linux's default size) is grown to PIPE_SIZE, so a
+ * chatty child runs ahead with fewer switches between it and us (a failure is no matter).
+ * Pipes are read into readbuf, as large as that, until their tail can take reads in place
+ * (at least MIN_READ bytes): see on_alloc. */
+#define PIPE_GROW_AT (64 * 1024)
+#define PIPE_SIZE (256 * 1024)
+#define MIN_READ (64 * 1024)
+static char readbuf[PIPE_SIZE];
+static int devnull = -1; /* opened once, close-on-exec: what "ignore" and stdin default to */
 
 int ops_proc_count(void) { return live_count; }
 
@@ -258,23 +267,53 @@ static void child_exited(proc *p, int status) {
 }
 
 /* Children are started with posix_spawn (a vfork: no page tables copied, so spawning
- * stays cheap however big opsrun is) and reaped here, on SIGCHLD, by pid. */
+ * stays cheap however big opsrun is) and reaped on SIGCHLD, or as soon as both their pipes
+ * are closed (a child's pipes close as it exits, so it is usually gone by then: no need to
+ * wait for the signal to come round the loop).
+ *
+ * Only our own children are reaped: one started some other way (io.popen, os.execute) is
+ * left for whoever waits for it. waitid(WNOWAIT) names an exited child without reaping it;
+ * if that child is ours it is reaped by pid, and so on until none is left. A child that is
+ * not ours would be named again and again, so then ours are each asked for by pid. */
 static uv_signal_t sigchld;
 static int sigchld_ready, running;
+
+static void reaped(proc *p, int status) {
+  if (--running == 0) uv_unref((uv_handle_t *)&sigchld);
+  child_exited(p, status);
+}
+
+static proc *find_running(pid_t pid) {
+  for (proc *p = live; p; p = p->next)
+    if (p->pid == pid && !p->exited) return p;
+  return NULL;
+}
+
+static void reap_if_exited(proc *p) {
+  int status;
+  if (!p->exited && waitpid(p->pid, &status, WNOHANG) == p->pid) reaped(p, status);
+}
 
 static void on_sigchld(uv_signal_t *h, int signum) {
   (void)h;
   (void)signum;
+  for (;;) {
+    siginfo_t info;
+    info.si_pid = 0;
+    if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) != 0 || info.si_pid == 0) return;
+    proc *p = find_running(info.si_pid);
+    if (p == NULL) break; /* not ours */
+    int status;
+    if (waitpid(p->pid, &status, WNOHANG) != p->pid) break;
+    reaped(p, status);
+  }
   proc *next;
   for (proc *p = live; p; p = next) {
     next = p->next;
     if (p->exited) continue;
     int status;
     pid_t r = waitpid(p->pid, &status, WNOHANG);
-    if (r == p->pid || (r < 0 && errno == ECHILD)) {
-      if (--running == 0) uv_unref((uv_handle_t *)&sigchld);
-      child_exited(p, r < 0 ? 0 : status);
-    }
+    if (r == p->pid || (r < 0 && errno == ECHILD)) reaped(p, r < 0 ? 0 : status);
   }
 }
 
@@ -289,16 +328,9 @@ static int watch_children(void) {
   return 0;
 }
 
-/* Finds argv0 the way execvp would, in the PATH the child will get. Returns 0 and the
- * path in buf, or an errno (ENOENT, EACCES). */
+/* Finds argv0 (a name without '/') the way execvp would, in the PATH the child will get.
+ * Returns 0 and the path in buf, or an errno (ENOENT, EACCES). */
 static int find_program(const char *name, const char *path_var, char *buf, size_t len) {
-  if (strchr(name, '/')) {
-    if (snprintf(buf, len, "%s", name) >= (int)len) return ENAMETOOLONG;
-    struct stat st;
-    if (stat(buf, &st) != 0) return errno;
-    if (S_ISDIR(st.st_mode) || access(buf, X_OK) != 0) return EACCES;
-    return 0;
-  }
   if (*name == '\0') return ENOENT;
   if (path_var == NULL) path_var = "/usr/local/bin:/usr/bin:/bin";
   int found_denied = 0;
@@ -326,28 +358,24 @@ static int find_program(const char *name, const char *path_var, char *buf, size_
 
 /* ---- output ---- */
 
-typedef struct {
-  stream *s;
-  lua_State *L;
-} deliver_ctx;
+/* deliver's stack: the callback and the stream name, pushed once per chunk */
+enum { D_CALLBACK = 1, D_NAME, D_STREAM, D_DATA, D_LEN };
 
 static int deliver_line(void *ctx, const char *line, size_t len) {
-  deliver_ctx *d = ctx;
-  lua_State *L = d->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, d->s->cb_ref);
+  lua_State *L = ctx;
+  lua_pushvalue(L, D_CALLBACK);
   lua_pushlstring(L, line, len);
-  lua_pushstring(L, d->s->name);
+  lua_pushvalue(L, D_NAME);
   lua_call(L, 2, 0);
   return 0;
 }
 
 /* Under lua_pcall: hands each complete line of the chunk to the stream's callback. */
 static int deliver(lua_State *L) {
-  deliver_ctx d = {lua_touserdata(L, 1), L};
-  const char *data = lua_touserdata(L, 2);
-  size_t n = (size_t)lua_tointeger(L, 3);
-  int rc = data ? ops_linebuf_feed(&d.s->lines, data, n, deliver_line, &d)
-                : ops_linebuf_finish(&d.s->lines, deliver_line, &d);
+  stream *s = lua_touserdata(L, D_STREAM);
+  const char *data = lua_touserdata(L, D_DATA);
+  size_t n = (size_t)lua_tointeger(L, D_LEN);
+  int rc = data ? ops_linebuf_feed(&s->lines, data, n, deliver_line, L) : ops_linebuf_finish(&s->lines, deliver_line, L);
   if (rc < 0) return luaL_error(L, "out of memory splitting lines");
   return 0;
 }
@@ -363,33 +391,49 @@ static void run_callback(stream *s, const char *data, size_t n) {
   lua_State *L = ops_main_state();
   lua_pushcfunction(L, traceback);
   lua_pushcfunction(L, deliver);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->cb_ref);
+  lua_pushstring(L, s->name);
   lua_pushlightuserdata(L, s);
   lua_pushlightuserdata(L, (void *)data);
   lua_pushinteger(L, (lua_Integer)n);
-  if (lua_pcall(L, 3, 0, -5) != LUA_OK) {
+  if (lua_pcall(L, 5, 0, -7) != LUA_OK) {
     p->cb_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     start_kill(p); /* nobody can take its output any more */
   }
   lua_pop(L, 1);
 }
 
+/* A stream that has filled its tail once is read straight into it (no copy: what a long,
+ * chatty program costs); until then, and when the tail is small, into readbuf. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)h;
   (void)suggested;
-  *buf = uv_buf_init(readbuf, sizeof readbuf);
+  stream *s = (stream *)((char *)h - offsetof(stream, pipe));
+  size_t n = sizeof readbuf;
+  char *p = s->tail.limit >= MIN_READ ? ops_tailbuf_space(&s->tail, &n) : NULL;
+  *buf = p ? uv_buf_init(p, (unsigned)n) : uv_buf_init(readbuf, sizeof readbuf);
 }
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   stream *s = (stream *)((char *)st - offsetof(stream, pipe));
   if (nread > 0) {
-    ops_tailbuf_append(&s->tail, buf->base, (size_t)nread);
+    if (!s->grown && (size_t)nread >= PIPE_GROW_AT) {
+      s->grown = 1;
+      int fd;
+      if (uv_fileno((uv_handle_t *)st, &fd) == 0) fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE);
+    }
+    if (buf->base == readbuf)
+      ops_tailbuf_append(&s->tail, buf->base, (size_t)nread);
+    else
+      ops_tailbuf_commit(&s->tail, (size_t)nread);
     run_callback(s, buf->base, (size_t)nread);
     return;
   }
   if (nread == 0) return;
+  proc *p = s->p;
   run_callback(s, NULL, 0); /* end of stream: the last line without "\n" */
   stop_reading(s);
-  maybe_done(s->p);
+  if (!p->out.reading && !p->err.reading) reap_if_exited(p);
+  maybe_done(p);
 }
 
 /* ---- stdin ---- */
@@ -621,8 +665,9 @@ static int l_spawn(lua_State *L) {
   }
   int fds_in[2] = {-1, -1}, fds_out[2] = {-1, -1}, fds_err[2] = {-1, -1};
   int pipe_failed = 0;
+  /* both ends blocking: uv_pipe_open makes ours non-blocking, the child's stays as it expects */
   if (in_data) {
-    if (uv_pipe(fds_in, 0, UV_NONBLOCK_PIPE) != 0) pipe_failed = 1;
+    if (uv_pipe(fds_in, 0, 0) != 0) pipe_failed = 1;
     child_fd[0] = fds_in[0];
   }
   stream *ss[2] = {&p->out, &p->err};
@@ -631,7 +676,7 @@ static int l_spawn(lua_State *L) {
   for (int i = 0; i < 2; i++) {
     switch (ss[i]->mode) {
       case S_CAPTURE:
-        if (uv_pipe(fds[i], UV_NONBLOCK_PIPE, 0) != 0) pipe_failed = 1;
+        if (uv_pipe(fds[i], 0, 0) != 0) pipe_failed = 1;
         child_fd[i + 1] = fds[i][1];
         break;
       case S_INHERIT: child_fd[i + 1] = i + 1; break;
@@ -648,9 +693,17 @@ static int l_spawn(lua_State *L) {
     for (char **e = env; *e; e++)
       if (strncmp(*e, "PATH=", 5) == 0) path_var = *e + 5;
   }
-  char program[4096];
-  int rc = pipe_failed ? EMFILE : find_program(args[0], path_var, program, sizeof program);
-  int devnull = -1;
+  char found[4096];
+  const char *program = args[0]; /* a path: posix_spawn's ENOENT or EACCES says what is wrong */
+  int rc = pipe_failed ? EMFILE : 0;
+  if (rc == 0 && strchr(program, '/') == NULL) {
+    rc = find_program(args[0], path_var, found, sizeof found);
+    program = found;
+  }
+  if (rc == 0 && devnull < 0 && (child_fd[0] == -1 || child_fd[1] == -1 || child_fd[2] == -1)) {
+    devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull < 0) rc = errno;
+  }
   if (rc == 0) {
     rc = watch_children();
     if (rc != 0) rc = -rc;
@@ -663,10 +716,7 @@ static int l_spawn(lua_State *L) {
     for (int i = 0; i < 3; i++) {
       int src = child_fd[i];
       if (src == -2) continue; /* merged into a stdout that is /dev/null: dup below */
-      if (src < 0) {
-        if (devnull < 0) devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-        src = devnull;
-      }
+      if (src < 0) src = devnull;
       posix_spawn_file_actions_adddup2(&fa, src, i);
     }
     if (child_fd[2] == -2) posix_spawn_file_actions_adddup2(&fa, 1, 2);
@@ -685,7 +735,7 @@ static int l_spawn(lua_State *L) {
     if (rc == 0) p->pid = pid;
   }
   /* the child has its copies now (or never will) */
-  int child_ends[] = {fds_in[0], fds_out[1], fds_err[1], in_fd, out_fd, err_fd, devnull};
+  int child_ends[] = {fds_in[0], fds_out[1], fds_err[1], in_fd, out_fd, err_fd};
   for (size_t i = 0; i < sizeof child_ends / sizeof *child_ends; i++)
     if (child_ends[i] >= 0) close(child_ends[i]);
   if (rc != 0) {
@@ -702,7 +752,7 @@ static int l_spawn(lua_State *L) {
       lua_pushfstring(L, "%s: cannot watch children: %s", args[0], uv_strerror(rc));
     else
       lua_pushfstring(L, "%s: cannot run: %s", args[0], strerror(rc));
-    lua_pushstring(L, rc < 0 ? uv_err_name(rc) : uv_err_name(-rc));
+    lua_pushstring(L, rc < 0 ? uv_err_name(rc) : strerrorname_np(rc)); /* libuv has no ENOEXEC */
     return 3;
   }
   if (running++ == 0) uv_ref((uv_handle_t *)&sigchld);
