@@ -8,15 +8,21 @@
  */
 #define _POSIX_C_SOURCE 200809L /* strdup, clock_gettime under -std=c11 */
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lua.h>
 #include <lauxlib.h>
 
 #include <sqlite3.h>
+
+#include "opsrun.h"
 
 #define DB_MT "ops.store.db"
 #define CURSOR_MT "ops.store.cursor"
@@ -621,6 +627,88 @@ static int db_tostring(lua_State *L)
 	return 1;
 }
 
+/* A WAL flush in flight on libuv's thread pool. If the waiting task goes away first, the
+ * flush still runs to its end; its completion then has nobody to wake. */
+typedef struct {
+	uv_fs_t req;
+	ops_wait w;
+	int fd;
+} wal_sync;
+
+static void wal_sync_cancel(ops_wait *w)
+{
+	(void)w;
+}
+
+static void wal_sync_done(uv_fs_t *req)
+{
+	wal_sync *s = req->data;
+	int result = (int)req->result;
+	lua_State *co = ops_wait_thread(&s->w);
+	uv_fs_req_cleanup(req);
+	close(s->fd);
+	if (co != NULL) {
+		lua_checkstack(co, 3);
+		if (result < 0) {
+			lua_pushnil(co);
+			lua_pushfstring(co, "%s: cannot flush the store's WAL: %s", uv_err_name(result), uv_strerror(result));
+			lua_pushstring(co, uv_err_name(result));
+			ops_wait_complete(&s->w, 3);
+		} else {
+			lua_pushboolean(co, 1);
+			ops_wait_complete(&s->w, 1);
+		}
+	}
+	free(s);
+}
+
+/* db:sync() -> true | nil, err, code
+ * Makes every commit so far durable, as synchronous=FULL would have, with the fdatasync of
+ * the WAL done on libuv's thread pool: the loop goes on serving while the disk works, and
+ * many commits share one flush. Meant for connections opened with synchronous="normal". */
+static int db_sync(lua_State *L)
+{
+	store_db *d = check_open_db(L, 1);
+	const char *file = sqlite3_db_filename(d->db, "main");
+	char wal[PATH_MAX];
+	int fd, rc;
+	wal_sync *s;
+	ops_check_task(L, "db:sync");
+	if (file == NULL || *file == '\0' || snprintf(wal, sizeof wal, "%s-wal", file) >= (int)sizeof wal) {
+		lua_pushboolean(L, 1); /* in memory: nothing to flush */
+		return 1;
+	}
+	fd = open(wal, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENOENT) { /* not in WAL mode: commits were synced as they happened */
+			lua_pushboolean(L, 1);
+			return 1;
+		}
+		lua_pushnil(L);
+		lua_pushfstring(L, "%s: cannot open %s: %s", uv_err_name(-errno), wal, strerror(errno));
+		lua_pushstring(L, uv_err_name(-errno));
+		return 3;
+	}
+	s = calloc(1, sizeof *s);
+	if (s == NULL) {
+		close(fd);
+		return luaL_error(L, "out of memory");
+	}
+	s->fd = fd;
+	s->req.data = s;
+	s->w.cancel = wal_sync_cancel;
+	rc = uv_fs_fdatasync(ops_loop(), &s->req, fd, wal_sync_done);
+	if (rc < 0) {
+		close(fd);
+		free(s);
+		lua_pushnil(L);
+		lua_pushfstring(L, "%s: cannot flush the store's WAL: %s", uv_err_name(rc), uv_strerror(rc));
+		lua_pushstring(L, uv_err_name(rc));
+		return 3;
+	}
+	return ops_wait_begin(L, &s->w, -1);
+}
+
 /* store.now() -> wall-clock seconds since the epoch, as a float */
 static int store_now(lua_State *L)
 {
@@ -636,6 +724,7 @@ static const luaL_Reg db_methods[] = {
 	{"rows", db_rows},
 	{"exec_script", db_exec_script},
 	{"in_transaction", db_in_transaction},
+	{"sync", db_sync},
 	{"close", db_close},
 	{NULL, NULL},
 };
