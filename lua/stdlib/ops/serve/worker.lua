@@ -123,8 +123,19 @@ function worker.process(ctx, hook, items)
     lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
     return "deleted", nil, nil
   end
+  -- pushes that move nothing (before == after) onto the commit already processed: no
+  -- fetch, no diff (a redelivered or replayed push costs a store read, not a git run)
+  local last = ctx.last_commit(hook.name)
+  local moves = false
+  for _, p in ipairs(pushes) do
+    if p.before ~= p.after or p.after ~= last then moves = true end
+  end
+  if not moves then
+    lg.info("nothing to deploy: the pushes move nothing past " .. last:sub(1, 12))
+    return "nothing", nil, last
+  end
   local mirror = git.mirror(fs.join(ctx.settings.mirrors, hook.name .. ".git"), hook.repo)
-  local plan = worker.plan(mirror, pushes, ctx.last_commit(hook.name))
+  local plan = worker.plan(mirror, pushes, last)
   if plan.status == "deleted" then
     lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
     return "deleted", nil, nil
