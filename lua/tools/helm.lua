@@ -100,16 +100,20 @@ end
 --- kubeconfig(step) -> path | nil: the kubeconfig helm is given (--kubeconfig), in this
 -- order: BITOPS_KUBECONFIG_BASE64, options.k8s.kubeconfigpath / KUBE_CONFIG_PATH, a fetch
 -- with `aws eks update-kubeconfig`; nil leaves helm to its own default (KUBECONFIG, ~/.kube).
+-- The base64 variable `var`, decoded into the step's private file `name` (never logged).
+local function decoded_file(step, var, name, original)
+  local data, err = crypto.base64_decode(env(step, var))
+  if not data then
+    step:fail(string.format("%s is not valid base64 (%s): set it to the output of `base64 -w0 %s`",
+      var, err, original))
+  end
+  return step:private_file(name, data)
+end
+
 function M:kubeconfig(step)
-  local encoded = env(step, "BITOPS_KUBECONFIG_BASE64")
-  if encoded then
-    local data, err = crypto.base64_decode(encoded)
-    if not data then
-      step:fail("BITOPS_KUBECONFIG_BASE64 is not valid base64 (" .. err .. "): set it to the "
-        .. "output of `base64 -w0 kubeconfig`")
-    end
+  if env(step, "BITOPS_KUBECONFIG_BASE64") then
     step.log.info("kubeconfig: from BITOPS_KUBECONFIG_BASE64")
-    return step:private_file("kubeconfig", data)
+    return decoded_file(step, "BITOPS_KUBECONFIG_BASE64", "kubeconfig", "kubeconfig")
   end
 
   local k, fetch = k8s(step)
@@ -252,14 +256,9 @@ function M:values(step, chart)
   add(fs.join(chart.dir, "values.yaml"))
   add(fs.join(chart.dir, "values-versions.yaml"))
 
-  local secrets = env(step, "HELM_SECRETS_BASE64")
-  if secrets then
-    local data, err = crypto.base64_decode(secrets)
-    if not data then
-      step:fail("HELM_SECRETS_BASE64 is not valid base64 (" .. err .. "): set it to the output "
-        .. "of `base64 -w0 values-secrets.yaml`")
-    end
-    files[#files + 1] = step:private_file("helm-" .. chart.name .. "-values-secrets.yaml", data)
+  if env(step, "HELM_SECRETS_BASE64") then
+    files[#files + 1] = decoded_file(step, "HELM_SECRETS_BASE64",
+      "helm-" .. chart.name .. "-values-secrets.yaml", "values-secrets.yaml")
   else
     add(fs.join(chart.dir, "values-secrets.yaml"))
   end
