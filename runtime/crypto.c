@@ -1,8 +1,17 @@
 /*
  * ops.core.crypto: hashing, MACs, constant-time comparison, random bytes and
  * hex/base64 codecs on OpenSSL libcrypto.
+ *
+ * libcrypto is not linked but loaded (dlopen) by the first function that needs it, as
+ * http_client.c loads libcurl: linking it cost every opsrun start-up about half a
+ * millisecond, crypto or not. The OpenSSL headers still give the types and constants; the
+ * functions are called through the `ossl` table below. Without libcrypto, a function with
+ * an error return gives nil, "libcrypto is not available: ...", "ENOSYS"; one without
+ * (equals, base64_encode) raises that message.
  */
+#include <dlfcn.h>
 #include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <lua.h>
@@ -16,6 +25,63 @@
 #define RANDOM_MAX_BYTES (1024 * 1024)
 
 static const char hex_digits[] = "0123456789abcdef";
+
+/* ---- libcrypto, loaded on first use ---- */
+
+#define CRYPTO_LIBRARY "libcrypto.so.3"
+#define CRYPTO_FUNCTIONS(X) \
+	X(EVP_Digest) X(EVP_sha256) X(HMAC) X(CRYPTO_memcmp) X(RAND_bytes) X(EVP_EncodeBlock) \
+	X(EVP_DecodeBlock)
+
+/* ossl.HMAC(...) calls HMAC(...): each member has the type of its libcrypto function. */
+static struct {
+#define CRYPTO_MEMBER(name) __typeof__(name) *name;
+	CRYPTO_FUNCTIONS(CRYPTO_MEMBER)
+#undef CRYPTO_MEMBER
+} ossl;
+
+static int ossl_loaded;            /* 1: the table is filled; -1: loading failed */
+static char ossl_load_error[512];  /* why, when it failed (dlerror's text) */
+
+/* Returns 1 once every function is resolved; 0 (ossl_load_error says why) when they cannot
+ * be. Tried once: the answer does not change while opsrun runs. */
+static int ossl_load(void)
+{
+	if (ossl_loaded)
+		return ossl_loaded > 0;
+	ossl_loaded = -1;
+	void *lib = dlopen(CRYPTO_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+	if (lib == NULL) {
+		snprintf(ossl_load_error, sizeof ossl_load_error, "%s", dlerror());
+		return 0;
+	}
+#define CRYPTO_RESOLVE(name) \
+	if ((*(void **)&ossl.name = dlsym(lib, #name)) == NULL) { \
+		snprintf(ossl_load_error, sizeof ossl_load_error, "%s", dlerror()); \
+		dlclose(lib); \
+		return 0; \
+	}
+	CRYPTO_FUNCTIONS(CRYPTO_RESOLVE)
+#undef CRYPTO_RESOLVE
+	ossl_loaded = 1;
+	return 1;
+}
+
+/* nil, "libcrypto is not available: ...", "ENOSYS" */
+static int push_unavailable(lua_State *L)
+{
+	lua_pushnil(L);
+	lua_pushfstring(L, "libcrypto is not available: %s", ossl_load_error);
+	lua_pushliteral(L, "ENOSYS");
+	return 3;
+}
+
+/* For the functions without an error return: raises the same message. */
+static void require_ossl(lua_State *L)
+{
+	if (!ossl_load())
+		luaL_error(L, "libcrypto is not available: %s", ossl_load_error);
+}
 
 static void push_hex(lua_State *L, const unsigned char *p, size_t n)
 {
@@ -61,7 +127,9 @@ static int crypto_sha256(lua_State *L)
 	unsigned char md[EVP_MAX_MD_SIZE];
 	unsigned int mdlen = 0;
 
-	if (!EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL))
+	if (!ossl_load())
+		return push_unavailable(L);
+	if (!ossl.EVP_Digest(data, n, md, &mdlen, ossl.EVP_sha256(), NULL))
 		return push_crypto_error(L, "sha256");
 	push_digest(L, md, mdlen, raw);
 	return 1;
@@ -78,7 +146,9 @@ static int crypto_hmac_sha256(lua_State *L)
 	unsigned int mdlen = 0;
 
 	luaL_argcheck(L, klen <= INT_MAX, 1, "key too long");
-	if (!HMAC(EVP_sha256(), key, (int)klen, (const unsigned char *)data, n, md, &mdlen))
+	if (!ossl_load())
+		return push_unavailable(L);
+	if (!ossl.HMAC(ossl.EVP_sha256(), key, (int)klen, (const unsigned char *)data, n, md, &mdlen))
 		return push_crypto_error(L, "hmac_sha256");
 	push_digest(L, md, mdlen, raw);
 	return 1;
@@ -91,8 +161,9 @@ static int crypto_equals(lua_State *L)
 	const char *a = luaL_checklstring(L, 1, &alen);
 	const char *b = luaL_checklstring(L, 2, &blen);
 
+	require_ossl(L);
 	/* Lengths are not secret (a MAC's length is public); contents are. */
-	lua_pushboolean(L, alen == blen && CRYPTO_memcmp(a, b, alen) == 0);
+	lua_pushboolean(L, alen == blen && ossl.CRYPTO_memcmp(a, b, alen) == 0);
 	return 1;
 }
 
@@ -104,8 +175,10 @@ static int crypto_random(lua_State *L)
 	unsigned char *out;
 
 	luaL_argcheck(L, n >= 0 && n <= RANDOM_MAX_BYTES, 1, "must be between 0 and 1048576");
+	if (!ossl_load())
+		return push_unavailable(L);
 	out = (unsigned char *)luaL_buffinitsize(L, &b, (size_t)n);
-	if (n > 0 && RAND_bytes(out, (int)n) != 1)
+	if (n > 0 && ossl.RAND_bytes(out, (int)n) != 1)
 		return push_crypto_error(L, "RAND_bytes");
 	luaL_pushresultsize(&b, (size_t)n);
 	return 1;
@@ -162,11 +235,12 @@ static int crypto_base64_encode(lua_State *L)
 	unsigned char *out;
 	size_t done = 0;
 
+	require_ossl(L);
 	out = (unsigned char *)luaL_buffinitsize(L, &b, outlen + 1);
 	/* EVP_EncodeBlock takes an int length: feed it in chunks that are multiples of 3. */
 	while (n > 0) {
 		size_t chunk = n > 3 * (1u << 28) ? 3 * (1u << 28) : n;
-		done += (size_t)EVP_EncodeBlock(out + done, s, (int)chunk);
+		done += (size_t)ossl.EVP_EncodeBlock(out + done, s, (int)chunk);
 		s += chunk;
 		n -= chunk;
 	}
@@ -231,9 +305,11 @@ static int crypto_base64_decode(lua_State *L)
 		lua_pushliteral(L, "");
 		return 1;
 	}
+	if (!ossl_load())
+		return push_unavailable(L);
 	outlen = len / 4 * 3;
 	o = (unsigned char *)luaL_buffinitsize(L, &out, outlen);
-	got = EVP_DecodeBlock(o, c, (int)len);
+	got = ossl.EVP_DecodeBlock(o, c, (int)len);
 	if (got < 0 || (size_t)got != outlen)
 		return push_einval(L, "base64 could not be decoded");
 	/* EVP_DecodeBlock counts the padding as zero bytes; drop them. */

@@ -18,7 +18,10 @@ int luaopen_ops_core_sys(lua_State *L);
 int luaopen_ops_core_crypto(lua_State *L);
 int luaopen_ops_core_store(lua_State *L);
 int luaopen_ops_core_http_client(lua_State *L);
+/* http_server.c is a module of its own, embedded and loaded on first use (lazy.c): its
+ * preload entry is ops_open_http_server. */
 int luaopen_ops_core_http_server(lua_State *L);
+int ops_open_http_server(lua_State *L);
 int luaopen_ops_core_modules(lua_State *L);
 int luaopen_cjson(lua_State *L);
 
