@@ -83,7 +83,7 @@ done
 "$opsrun" deploy --repo "$repo" --all --dry-run --jobs 1 > "$work/dry.out" 2> "$work/dry.err"
 # "[env/tool] would run: CMD" then "    in: DIR"; DIR and paths in CMD are in the run's
 # working copy (OPSRUN workdir/ENV/...): point them at the repo, which has the same tree
-wd=$(sed -n 's/^    in: \(.*\)\/env[0-9]*\/[a-z]*$/\1/p' "$work/dry.out" | head -1)
+wd=$(sed -n 's/^    in: \(.*\)\/env[0-9]*\/[a-z]*$/\1/p' "$work/dry.out" | awk 'NR == 1')
 [ -n "$wd" ] || { echo "cannot read the dry run's output:" >&2; head "$work/dry.out" "$work/dry.err" >&2; exit 1; }
 {
   echo "#!/bin/sh"
