@@ -39,15 +39,7 @@ cat > "$work/hooks.json" <<JSON
                              "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}}}]
 JSON
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
-wait_up() {
-  for _ in $(seq 100); do
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.05
-  done
-  echo "server at $1 did not come up" >&2; exit 1
-}
+. "$here/lib.sh"
 
 # run_wrk NAME URL PID -> NAME_rps NAME_p99 NAME_idle NAME_loaded
 run_wrk() {

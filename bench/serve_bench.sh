@@ -46,15 +46,7 @@ export SIGNATURE="sha256=$(openssl dgst -sha256 -hmac "$secret" -r < "$BODY_FILE
 export RUN="r$$"
 bytes=$(wc -c < "$BODY_FILE")
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
-wait_up() {
-  for _ in $(seq 200); do
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.05
-  done
-  echo "server at $1 did not come up" >&2; exit 1
-}
+. "$here/lib.sh"
 check_202() { # name url: one request by hand, with its own delivery id
   local status
   status=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
