@@ -127,6 +127,9 @@ function M:playbooks(step)
   local named = step.config.cli["main-playbook"]
   if named and #named > 0 then
     for _, p in ipairs(named) do
+      if p:sub(1, 1) == "-" then -- ansible-playbook would read it as an option
+        step:fail(string.format("cli.main-playbook %s starts with '-': name the file ./%s (%s)", p, p, step.config_file))
+      end
       local st = fs.stat(step:path(p))
       if not st or st.type ~= "file" then
         step:fail(string.format("cli.main-playbook names %s, which is not a file in %s (%s)", p, step.id,
@@ -138,7 +141,8 @@ function M:playbooks(step)
   local out = {}
   for _, name in ipairs(assert(fs.list(step.dir))) do
     local st = fs.stat(fs.join(step.dir, name))
-    if name:match("%.ya?ml$") and name:sub(1, 1) ~= "." and not name:match("^bitops%.config%.ya?ml$")
+    if name:match("%.ya?ml$") and name:sub(1, 1) ~= "." and name:sub(1, 1) ~= "-"
+        and not name:match("^bitops%.config%.ya?ml$")
         and st and st.type == "file" and is_playbook(step, name) then
       out[#out + 1] = name
     end

@@ -101,12 +101,28 @@ end
 -- order: BITOPS_KUBECONFIG_BASE64, options.k8s.kubeconfigpath / KUBE_CONFIG_PATH, a fetch
 -- with `aws eks update-kubeconfig`; nil leaves helm to its own default (KUBECONFIG, ~/.kube).
 -- The base64 variable `var`, decoded into the step's private file `name` (never logged).
+-- The decoded text and every string in it (a YAML document: values, a kubeconfig's
+-- tokens and keys) are registered as secrets: helm --debug or --dry-run prints them.
+local function register_secrets(step, data)
+  step:secret(data)
+  local doc = yaml.load(data, "secret")
+  local function walk(t, depth)
+    if depth > 32 then return end
+    for _, v in pairs(t) do
+      if type(v) == "table" then walk(v, depth + 1)
+      elseif type(v) == "string" then step:secret(v) end
+    end
+  end
+  if type(doc) == "table" then walk(doc, 0) end
+end
+
 local function decoded_file(step, var, name, original)
   local data, err = crypto.base64_decode(env(step, var))
   if not data then
     step:fail(string.format("%s is not valid base64 (%s): set it to the output of `base64 -w0 %s`",
       var, err, original))
   end
+  register_secrets(step, data)
   return step:private_file(name, data)
 end
 
@@ -246,7 +262,15 @@ end
 -- values-secrets.yaml (from HELM_SECRETS_BASE64 when set), values-files/* by name.
 function M:values(step, chart)
   local files = {}
+  -- every values file stays inside the working copy: no `..` in the options, no symlink out
   local function add(path)
+    if not fs.lstat(path) then return end
+    local _, _, code = fs.within(step.workdir, path)
+    if code == "EOUTSIDE" then
+      step:fail(string.format("%s leads outside the working copy (options.default-root-dir, "
+        .. "options.default-sub-dir, or a symlink): give a path inside the repo (%s)", shown(step, path),
+        step.config_file))
+    end
     if is_file(path) then files[#files + 1] = path end
   end
 

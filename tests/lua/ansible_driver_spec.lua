@@ -275,3 +275,23 @@ describe("ansible driver: extra_env", function()
     assert.are.same({KEEP = "1"}, step.vars)
   end)
 end)
+
+describe("ansible playbook names", function()
+  local fake = require "fake_step"
+  local h = require "helpers"
+
+  it("never hands ansible-playbook a name it would read as an option", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/-e@evil.yaml", "- hosts: localhost\n  tasks: []\n")
+    h.write(dir .. "/site.yaml", "- hosts: localhost\n  tasks: []\n")
+    local driver = require "tools.ansible"
+    local step = fake.new({tool = "ansible", dir = dir, config = {cli = {}, options = {}}})
+    driver:deploy(step)
+    assert.are.same({"ansible-playbook site.yaml"}, step.commands)
+    local named = fake.new({tool = "ansible", dir = dir, config = {cli = {["main-playbook"] = {"-e@evil.yaml"}}, options = {}}})
+    local ok, err = pcall(driver.deploy, driver, named)
+    assert.is_false(ok)
+    assert.matches("starts with '%-'", err.message)
+    h.rmtree(dir)
+  end)
+end)

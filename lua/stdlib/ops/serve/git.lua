@@ -6,10 +6,27 @@ local failure = require "ops.deploy.failure"
 
 local git = {}
 
-local function run(argv, what)
+-- The URL as it may be shown (messages are logged and stored): without user and password.
+local function shown_url(url)
+  return (url:gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
+end
+git.shown_url = shown_url
+
+-- git's own messages may quote the URL: take its credentials out of them too.
+local function scrub(text, url)
+  local userinfo = url:match("^%a[%w+.-]*://([^/@]*)@")
+  if not userinfo or userinfo == "" then return text end
+  text = text:gsub(userinfo:gsub("%p", "%%%0") .. "@", "")
+  local password = userinfo:match(":(.*)$")
+  if password and password ~= "" then text = text:gsub(password:gsub("%p", "%%%0"), "***") end
+  return text
+end
+
+local function run(argv, what, url)
   local r, err = proc.run(argv, {timeout = 600, env = {GIT_TERMINAL_PROMPT = "0"}})
-  if not r then failure.raise(what .. ": " .. err) end
-  if not r.ok then failure.raise(what .. ": " .. (r.stderr:gsub("%s+$", ""))) end
+  local clean = function(t) return url and scrub(t, url) or t end
+  if not r then failure.raise(what .. ": " .. clean(err)) end
+  if not r.ok then failure.raise(what .. ": " .. clean((r.stderr:gsub("%s+$", "")))) end
   return r
 end
 
@@ -17,12 +34,12 @@ end
 function git.mirror(dir, url)
   if fs.exists(fs.join(dir, "HEAD")) then
     run({"git", "--git-dir", dir, "fetch", "--quiet", "--prune", "origin", "+refs/heads/*:refs/heads/*"},
-      "git fetch of " .. url)
+      "git fetch of " .. shown_url(url), url)
   else
     assert(fs.mkdir_p(fs.dirname(dir)))
     local tmp = dir .. ".tmp"
     fs.remove(tmp, {recursive = true})
-    run({"git", "clone", "--quiet", "--mirror", "--", url, tmp}, "git clone of " .. url)
+    run({"git", "clone", "--quiet", "--mirror", "--", url, tmp}, "git clone of " .. shown_url(url), url)
     assert(fs.rename(tmp, dir))
   end
   return dir

@@ -396,6 +396,9 @@ function serve.start(settings)
     for _, h in pairs(ctx.settings.hooks) do
       if h.secret_env then env[h.secret_env] = false end
     end
+    -- the notify URL carries its token: deploys and hooks have no business with it
+    local n = ctx.settings.notify
+    if type(n) == "table" and type(n.url_env) == "string" then env[n.url_env] = false end
     for k, v in pairs(extra or {}) do env[k] = v end
     return env
   end

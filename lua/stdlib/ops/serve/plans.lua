@@ -175,6 +175,9 @@ function M.parse(text, path)
   end
   local plan = {hooks = {}}
   plan.chart = present(doc.chart)
+  if type(plan.chart) == "string" and plan.chart:sub(1, 1) == "-" then
+    return nil, path .. ": chart must not start with '-' (helm would take it as an option)"
+  end
   if type(plan.chart) ~= "string" then
     return nil, path .. ": chart is required: the chart to deploy, a repo chart (bitnami/nginx) "
       .. "or the path of a chart folder in the repo (values files and scripts must not sit at a "
@@ -186,6 +189,9 @@ function M.parse(text, path)
       return nil, path .. ": version must be a chart version, like '1.2.0'"
     end
     plan.version = tostring(version)
+    if plan.version:sub(1, 1) == "-" then
+      return nil, path .. ": version must not start with '-' (helm would take it as an option)"
+    end
   end
   for _, key in ipairs({"values", "release"}) do
     local v = present(doc[key])
@@ -480,8 +486,11 @@ end
 -- A plan to deploy from the checkout: the action, with .err when the plan is unusable.
 local function deploy_action(job, place, verb, reason)
   local action = {place = place, verb = verb, reason = reason}
-  local full = fs.join(job.checkout, place.path)
-  local text, err = fs.read(full)
+  -- the plan file itself may be a symlink: read it only inside the checkout
+  local full, err = repo_file(job.checkout, place, "the plan", place.path)
+  if not full then action.err = err; return action end
+  local text
+  text, err = fs.read(full)
   if not text then
     action.err = place.path .. ": cannot read the plan: " .. err
     return action
@@ -559,7 +568,8 @@ function M.actions(job, settings)
     for _, f in ipairs(git.changes(job.mirror, nil, job.after)) do
       local place = M.locate(f.path, size)
       if place and not planned[f.path] then
-        local text = fs.read(fs.join(job.checkout, f.path))
+        local full = repo_file(job.checkout, place, "the plan", f.path)
+        local text = full and fs.read(full)
         local plan = text and M.parse(text, f.path)
         local values = plan and plan.values and fs.normalize(plan.values)
         if values and changed[values] then
