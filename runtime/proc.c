@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <spawn.h>
@@ -84,7 +85,19 @@ static int live_count;
 static char readbuf[PIPE_SIZE];
 static int devnull = -1; /* opened once, close-on-exec: what "ignore" and stdin default to */
 
-int ops_proc_count(void) { return live_count; }
+static int running; /* children spawned and not yet reaped */
+
+/* What sys.c waits for before it exits on a signal: children not yet reaped (a pipe that
+ * something outside the child's group still holds must not keep opsrun alive). */
+int ops_proc_count(void) { return running; }
+
+/* seconds -> a libuv timer's milliseconds: NaN and negatives are 0, huge values (math.huge)
+ * a deadline that never comes, rather than an out-of-range conversion. */
+static uint64_t ms_of(double s) {
+  if (!(s > 0)) return 0;
+  if (s > 9e12) return (uint64_t)9e15;
+  return (uint64_t)(s * 1000);
+}
 
 int ops_proc_signal_all(int signum) {
   int n = 0;
@@ -188,6 +201,10 @@ static void maybe_done(proc *p) {
   if (p->done || !p->exited || p->out.reading || p->err.reading) return;
   p->done = 1;
   unlink_live(p);
+  if (p->in_open) { /* input still pending (a daemon holds the pipe): the run is over */
+    p->in_open = 0;
+    close_handle(p, (uv_handle_t *)&p->in);
+  }
   if (uv_is_active((uv_handle_t *)&p->timer)) uv_timer_stop(&p->timer);
   close_handle(p, (uv_handle_t *)&p->timer);
   lua_State *co = ops_wait_thread(&p->w);
@@ -220,11 +237,11 @@ static void on_timer(uv_timer_t *t) {
     p->killed = 1;
     p->phase = PH_TERM;
     kill(-p->pid, SIGTERM);
-    uv_timer_start(&p->timer, on_timer, (uint64_t)(p->grace * 1000), 0);
+    uv_timer_start(&p->timer, on_timer, ms_of(p->grace), 0);
   } else if (p->phase == PH_TERM) {
     p->phase = PH_KILL;
     kill(-p->pid, SIGKILL);
-    uv_timer_start(&p->timer, on_timer, (uint64_t)(p->drain * 1000), 0);
+    uv_timer_start(&p->timer, on_timer, ms_of(p->drain), 0);
   } else {
     /* the hard deadline: whatever still holds our pipes cannot hang us */
     stop_reading(&p->out);
@@ -276,7 +293,7 @@ static void child_exited(proc *p, int status) {
  * if that child is ours it is reaped by pid, and so on until none is left. A child that is
  * not ours would be named again and again, so then ours are each asked for by pid. */
 static uv_signal_t sigchld;
-static int sigchld_ready, running;
+static int sigchld_ready;
 
 static void reaped(proc *p, int status) {
   if (--running == 0) uv_unref((uv_handle_t *)&sigchld);
@@ -597,11 +614,16 @@ static int l_spawn(lua_State *L) {
   const char *out_path, *err_path;
   int out_mode = stream_mode(L, 2, "stdout", &out_cb, &out_path, &out_append);
   int err_mode = stream_mode(L, 2, "stderr", &err_cb, &err_path, &err_append);
-  size_t limit = (size_t)opt_number(L, 2, "capture_limit", DEFAULT_CAPTURE);
+  double limit_n = opt_number(L, 2, "capture_limit", DEFAULT_CAPTURE);
+  if (!(limit_n >= 0) || limit_n > 1024.0 * 1024 * 1024)
+    return luaL_argerror(L, 2, "opts.capture_limit must be from 0 to 1 GiB");
+  size_t limit = (size_t)limit_n;
   double timeout = opt_number(L, 2, "timeout", 0);
   double grace = opt_number(L, 2, "grace", 5);
   double drain = opt_number(L, 2, "drain", 2);
   int stdin_type = lua_getfield(L, 2, "stdin");
+  if (stdin_type == LUA_TSTRING && lua_rawlen(L, -1) >= UINT32_MAX)
+    return luaL_argerror(L, 2, "opts.stdin: a string under 4 GiB (give a bigger input as {path = ...})");
   if (stdin_type == LUA_TTABLE) {
     lua_getfield(L, -1, "path");
     if (!lua_isstring(L, -1)) return luaL_argerror(L, 2, "opts.stdin: a file source needs a 'path' string");
@@ -793,7 +815,7 @@ static int l_spawn(lua_State *L) {
       close_handle(p, (uv_handle_t *)&p->in);
     }
   }
-  if (p->timeout > 0) uv_timer_start(&p->timer, on_timer, (uint64_t)(p->timeout * 1000), 0);
+  if (p->timeout > 0) uv_timer_start(&p->timer, on_timer, ms_of(p->timeout), 0);
 
   proc_ud *ud = lua_newuserdatauv(L, sizeof *ud, 0);
   ud->p = p;

@@ -268,14 +268,16 @@ static void task_resume(ops_task *t) {
 static void runner_cb(uv_idle_t *h) {
   /* Only the tasks ready now: one resumed here that spawns or yields again waits a turn,
    * so I/O is never starved. */
-  ops_task *last = ready_tail;
-  while (ready_head) {
+  /* Counted, not "up to the task that was last": that task may be cancelled (dequeued)
+   * during the round, and the round would then never end while a task keeps yielding. */
+  size_t n = 0;
+  for (ops_task *t = ready_head; t; t = t->next_ready) n++;
+  while (ready_head && n-- > 0) {
     ops_task *t = ready_head;
     ready_head = t->next_ready;
     if (ready_head == NULL) ready_tail = NULL;
     t->next_ready = NULL;
     task_resume(t);
-    if (t == last) break;
   }
   if (ready_head == NULL) uv_idle_stop(h);
 }
@@ -391,6 +393,9 @@ static int l_task_cancel(lua_State *L) {
     if (w->cancel) w->cancel(w);
   }
   if (t->state == T_READY) dequeue(t);
+  /* cancelled before its <close> handlers run: one that cancels this task again finds it over */
+  t->state = T_CANCELLED;
+  t->observed = 1;
   lua_State *co = t->co;
   lua_settop(co, 0);
   int st = lua_resetthread(co); /* runs the task's pending <close> handlers */
@@ -398,8 +403,6 @@ static int l_task_cancel(lua_State *L) {
     const char *msg = lua_tostring(co, -1);
     ops_report_error(L, "error while closing a cancelled task", msg ? msg : "?");
   }
-  t->state = T_CANCELLED;
-  t->observed = 1;
   task_release(L, t);
   lua_pushboolean(L, 1);
   return 1;
@@ -441,6 +444,11 @@ static int l_task_index(lua_State *L) {
 
 static int l_task_gc(lua_State *L) {
   ops_task *t = check_task(L, 1);
+  if (t->timer) { /* a task still waiting when the state closes */
+    uv_timer_stop(t->timer);
+    uv_close((uv_handle_t *)t->timer, timer_close_cb);
+    t->timer = NULL;
+  }
   if (t->state == T_FAILED && !t->observed) {
     lost_failures++;
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->trace_ref);
@@ -462,7 +470,7 @@ static void sleep_cancel(ops_wait *w) { (void)w; }
 static int l_sleep(lua_State *L) {
   double s = luaL_checknumber(L, 1);
   ops_check_task(L, "ops.sleep");
-  if (s < 0) s = 0;
+  if (!(s > 0)) s = 0; /* negative or NaN: a NaN timeout would mean "for ever" */
   ops_task *t = task_of(L);
   t->sleep_wait.cancel = sleep_cancel;
   return ops_wait_begin(L, &t->sleep_wait, s);

@@ -680,13 +680,14 @@ static int db_sync(lua_State *L)
 	}
 	fd = open(wal, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
-		if (errno == ENOENT) { /* not in WAL mode: commits were synced as they happened */
+		int e = errno; /* pushing strings may run a __gc that changes errno */
+		if (e == ENOENT) { /* not in WAL mode: commits were synced as they happened */
 			lua_pushboolean(L, 1);
 			return 1;
 		}
 		lua_pushnil(L);
-		lua_pushfstring(L, "%s: cannot open %s: %s", uv_err_name(-errno), wal, strerror(errno));
-		lua_pushstring(L, uv_err_name(-errno));
+		lua_pushfstring(L, "%s: cannot open %s: %s", uv_err_name(-e), wal, strerror(e));
+		lua_pushstring(L, uv_err_name(-e));
 		return 3;
 	}
 	s = calloc(1, sizeof *s);

@@ -47,6 +47,8 @@ describe("ops.proc.run", function()
     assert.has_error(function() ops.proc.run({"echo", {}}) end)
     assert.has_error(function() ops.proc.run({"echo"}, {stdout = "bogus"}) end)
     assert.has_error(function() ops.proc.run({"echo"}, {env = "x"}) end)
+    assert.has_error(function() ops.proc.run({"echo"}, {capture_limit = -1}) end)
+    assert.has_error(function() ops.proc.run({"echo"}, {capture_limit = 0 / 0}) end)
   end)
 
   it("runs in the given directory", function()

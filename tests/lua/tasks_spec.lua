@@ -108,6 +108,24 @@ describe("task:cancel", function()
     assert.is_false(t:cancel()) -- already over
   end)
 
+  it("lets a <close> handler cancel a task that is cancelling it, once", function()
+    local a, b
+    local closed = 0
+    a = ops.spawn(function()
+      local g <close> = setmetatable({}, {__close = function() closed = closed + 1; b:cancel() end})
+      ops.sleep(60)
+    end)
+    b = ops.spawn(function()
+      local g <close> = setmetatable({}, {__close = function() closed = closed + 1; a:cancel() end})
+      ops.sleep(60)
+    end)
+    ops.sleep(0.01)
+    assert.is_true(a:cancel())
+    assert.are.equal(2, closed)
+    assert.are.equal("cancelled", a:status())
+    assert.are.equal("cancelled", b:status())
+  end)
+
   it("cancels a task that has not started yet", function()
     local ran = false
     local t = ops.spawn(function() ran = true end)
