@@ -533,8 +533,10 @@ describe("configuration", function()
   it("fails with exit 1 on malformed YAML, naming file:line", function()
     local r = deploy(site(), {"--env", "badyaml", "--dry-run"})
     assert.are.equal(1, r.code)
-    -- named as in the repo (never by the run's working copy), though _default merges into it
-    assert.matches("ERROR badyaml/ansible/bitops.config.yaml:4:10: ", r.stderr, 1, true)
+    -- named as in the repo (never by the run's working copy), though _default merges into it;
+    -- the merge happens as the environment's copy is made, so the step it serves fails
+    assert.matches("ERROR [badyaml/ansible] badyaml/ansible/bitops.config.yaml:4:10: ", r.stderr, 1, true)
+    assert.is_nil(r.stderr:find("/tmp/opsrun-run-", 1, true))
   end)
 
   it("fails on a value of the wrong type, naming the key and the file", function()

@@ -143,7 +143,7 @@ local function execute(run, s)
   s.started = time.now()
   s.t0 = time.monotonic()
   run.record(s)
-  local env_dir = run.copies[s.env]
+  local env_dir = fs.join(run.workdir, s.env) -- being made by the copier: run.await_copy
   local private = fs.join(run.workdir, ".private", (s.id:gsub("[^%w_.-]", "_"))) -- made on first use
   local dir = s.dir and fs.join(env_dir, s.dir) or fs.join(env_dir, s.folder)
   local vars = {
@@ -167,6 +167,7 @@ local function execute(run, s)
   s.step = step
   local driver
   local ok, err = xpcall(function()
+    run.await_copy(s.env)
     if not fs.exists(dir) then step:fail(s.id .. ": the folder " .. dir .. " does not exist") end
     driver = deploy.driver(s.tool)
     hooks.run(step, "before")
@@ -287,7 +288,29 @@ function deploy.run(opts)
       tools[s.env] = tools[s.env] or {}
       tools[s.env][s.folder or s.dir] = s.tool
     end
-    for _, e in ipairs(env_names) do run.copies[e] = repo.working_copy(real, e, workdir.path, tools[e]) end
+    -- the working copies are made by one task, in the order the steps need them, while
+    -- the steps of environments already copied run; a step waits for its own
+    local order, queued, copy_waiters = {}, {}, {}
+    for _, st in ipairs(steps) do
+      if not queued[st.env] then queued[st.env] = true; order[#order + 1] = st.env end
+    end
+    local copier = sched.spawn(function()
+      for _, e in ipairs(order) do
+        local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e])
+        run.copies[e] = cok and {ok = true} or {err = cerr}
+        for _, t in ipairs(copy_waiters[e] or {}) do sched.wake(t) end
+        copy_waiters[e] = nil
+      end
+    end)
+    local copying <close> = setmetatable({}, {__close = function() copier:cancel() end})
+    function run.await_copy(e)
+      while not run.copies[e] do
+        copy_waiters[e] = copy_waiters[e] or {}
+        table.insert(copy_waiters[e], sched.current())
+        sched.suspend()
+      end
+      if run.copies[e].err then error(run.copies[e].err, 0) end
+    end
 
     -- the store: history and locks (a dry run touches neither)
     local db, locks = nil, {}

@@ -164,8 +164,15 @@ end
 --- it, where they differ (a bitops.deployments plugin:).
 function repo.working_copy(root, env, workdir, tools)
   local dst = fs.join(workdir, env)
-  local ok, err = fs.copy_tree(fs.join(root, env), dst)
-  if not ok then failure.raise("cannot copy environment '" .. env .. "': " .. err) end
+  -- cp in a child process: the loop (the steps of environments already copied) goes on
+  -- while the files are made; fs.copy_tree where there is no cp
+  local r, err = proc.run({"cp", "-a", "--", fs.join(root, env), dst}, {timeout = 3600})
+  if not r then
+    local ok, cerr = fs.copy_tree(fs.join(root, env), dst)
+    if not ok then failure.raise("cannot copy environment '" .. env .. "': " .. cerr .. " (" .. err .. ")") end
+  elseif not r.ok then
+    failure.raise("cannot copy environment '" .. env .. "': " .. (r.stderr:gsub("%s+$", "")))
+  end
   local default = fs.join(root, repo.DEFAULT_DIR)
   if is_dir(default) then
     for _, name in ipairs(assert(fs.list(default))) do
