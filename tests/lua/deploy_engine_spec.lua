@@ -728,6 +728,32 @@ describe("locks", function()
     assert.are.equal("0", sqlite("SELECT count(*) FROM locks"))
   end)
 
+  it("locks by where the repo comes from: two clones of one origin exclude each other", function()
+    local release = base .. "/release-lock-2"
+    local clones = h.tmpdir()
+    for _, c in ipairs({"one", "two"}) do
+      assert(ops.proc.run({"git", "clone", "-q", graph(), clones .. "/" .. c}).ok)
+    end
+    reset_events()
+    local first = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", clones .. "/one", "--env", "a", "--only", "a/terraform"}, {
+      env = {OPSRUN_STORE = store, EVENTS = base .. "/events", WAIT_FOR = release, NO_COLOR = "1",
+        BITOPS_ENVIRONMENT = false, ENVIRONMENT = false},
+      stdout = "capture", stderr = "capture",
+    }))
+    for _ = 1, 300 do
+      if index_of(events(), "start a/terraform") then break end
+      ops.sleep(0.05)
+    end
+    assert.is_truthy(index_of(events(), "start a/terraform"), "the first deploy did not start")
+    local second = deploy(clones .. "/two", {"--env", "a", "--only", "a/terraform"})
+    h.write(release, "")
+    local r1 = first:wait()
+    assert.are.equal(1, second.code)
+    assert.matches("environment 'a' is being deployed by process " .. first.pid, second.stderr, 1, true)
+    assert.are.equal(0, r1.code, r1.stdout .. r1.stderr)
+    h.rmtree(clones)
+  end)
+
   it("takes over a lock left by a process that is gone", function()
     assert.are.equal(0, opsrun({"runs"}).code)   -- the store exists
     local dead = assert(ops.proc.run({"true"})).pid

@@ -228,7 +228,8 @@ end
 --- needs}), or envs (planned here); jobs (default 4), fail_fast (default true, or the
 --- environments' bitops.fail_fast), dry_run, store (path), timeout (seconds per command),
 --- trigger, delivery, out (where the summary and dry-run go; io.stdout), handle_signals
---- (default true: SIGINT/SIGTERM interrupt the run)
+--- (default true: SIGINT/SIGTERM interrupt the run), lock_scope (what the environment
+--- locks are named after: $OPSRUN_LOCK_SCOPE, else the repo's remote.origin.url, else its path)
 function deploy.run(opts)
   local out = opts.out or io.stdout
   local ok, code, run = xpcall(function()
@@ -339,8 +340,16 @@ function deploy.run(opts)
     end
     local guard <close> = setmetatable({}, {__close = release})
     if db then
+      -- the lock names the repo by where it comes from, so a deploy from a clone and one
+      -- from opsrun serve's checkout of the same repo exclude each other
+      local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
+      if not scope or scope == "" then
+        local o = proc.run({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
+        scope = o and o.ok and o.stdout:gsub("%s+$", "") or real
+      end
+      scope = scope:gsub("//[^/@]*@", "//") -- no credentials in lock names
       for _, e in ipairs(env_names) do
-        local name = "env:" .. real .. ":" .. e
+        local name = "env:" .. scope .. ":" .. e
         local got, holder = history.lock(db, name, run.run_id)
         if not got then
           for _, s in ipairs(steps) do

@@ -65,6 +65,7 @@ function M.run(job)
   env.OPSRUN_DELIVERY = table.concat(job.deliveries, ",")
   env.OPSRUN_COMMIT = job.after
   env.OPSRUN_HOOK = job.hook.name
+  env.OPSRUN_LOCK_SCOPE = job.hook.repo -- the same locks as a deploy from a clone of it
   local r, err = proc.run(argv, {
     cwd = job.checkout, env = env, stderr = "inherit",
     stdout = function(line) if line ~= "" then job.out:write(line, "\n") end end,
