@@ -145,7 +145,7 @@ rb=$(awk -v a="$w" -v b="$bound" 'BEGIN {printf "%.3f", a / b}')
 echo "tools whose deploying command sleeps ${sleep_s}s (one per step), --jobs $jobs"
 echo "  graph: $((envs * 4)) steps in $envs chains of $chain (the steps of an environment run in order)"
 echo "  lower bound max(ceil(steps/$jobs), chain) x ${sleep_s}s:         ${bound} s"
-echo "  the engine's schedule (whole environments, $jobs at a time): ${engine} s"
+echo "  the engine's schedule (longest chain first, $jobs at a time): ${engine} s"
 awk -v w="$w" 'BEGIN {printf "  opsrun deploy --all --jobs '"$jobs"'                      %.2f s\n", w}'
 echo "  ratio to the engine's ideal: $re   (target <= 1.10: $(verdict "$re" 1.10))"
 echo "  ratio to the lower bound:    $rb"

@@ -6,8 +6,8 @@
 --   steps, envs, longest_chain   the graph
 --   bound          max(ceil(steps/JOBS), longest chain) * UNIT: no schedule is faster
 --   engine_ideal   the engine's own schedule, simulated: whenever a slot is free it starts
---                  the first ready step in plan order (environment by environment), so a
---                  running environment's next step goes before a new environment's first
+--                  the first ready step in deploy.start_order (with several jobs, the step
+--                  with the longest chain still to come first)
 local deploy = require "ops.deploy"
 local fs = require "ops.fs"
 
@@ -31,10 +31,11 @@ for _, s in ipairs(steps) do
   longest = math.max(longest, d)
 end
 
--- the engine's scheduler: scan in plan order, start what is ready while a slot is free
+-- the engine's scheduler: scan in its start order, start what is ready while a slot is free
+local order = deploy.start_order(steps, jobs)
 local done, finish, running, t, left = {}, {}, 0, 0, #steps
 while left > 0 do
-  for _, s in ipairs(steps) do
+  for _, s in ipairs(order) do
     if running < jobs and not finish[s.id] then
       local ready = true
       for _, n in ipairs(s.needs) do if not done[n] then ready = false end end

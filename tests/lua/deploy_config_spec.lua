@@ -90,3 +90,33 @@ describe("a step's output lines", function()
     assert.are.equal("Apply complete! Resources: 1 added.", s.tail[1])
   end)
 end)
+
+describe("the order steps start in", function()
+  local deploy = require "ops.deploy"
+  local function chains(envs, len)
+    local steps = {}
+    for e = 1, envs do
+      for k = 1, len do
+        steps[#steps + 1] = {id = e .. "/" .. k, env = tostring(e), needs = k > 1 and {e .. "/" .. (k - 1)} or {}}
+      end
+    end
+    return steps
+  end
+  local function ids(list)
+    local out = {}
+    for i, s in ipairs(list) do out[i] = s.id end
+    return out
+  end
+
+  it("is the plan's order with one job", function()
+    assert.are.same({"1/1", "1/2", "2/1", "2/2"}, ids(deploy.start_order(chains(2, 2), 1)))
+  end)
+
+  it("puts the longest chain still to come first with several jobs", function()
+    assert.are.same({"1/1", "2/1", "1/2", "2/2"}, ids(deploy.start_order(chains(2, 2), 4)))
+    local steps = {
+      {id = "short", needs = {}}, {id = "a", needs = {}}, {id = "b", needs = {"a"}}, {id = "c", needs = {"b"}},
+    }
+    assert.are.same({"a", "b", "short", "c"}, ids(deploy.start_order(steps, 2)))
+  end)
+end)

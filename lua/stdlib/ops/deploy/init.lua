@@ -119,6 +119,40 @@ local function check_graph(steps)
   return by_id
 end
 
+--- deploy.start_order(steps, jobs) -> the order in which ready steps are started. With one
+--- job, the plan's order (environment after environment). With more, the step with the
+--- longest chain of steps still to come after it first (ties: plan order): the critical
+--- path first keeps every slot busy, so the run takes max(steps/jobs, longest chain) rounds
+--- rather than finishing one environment before starting the next.
+function deploy.start_order(steps, jobs)
+  local order = {}
+  for i, s in ipairs(steps) do order[i] = s end
+  if (jobs or 1) <= 1 then return order end
+  local dependents, index, chain = {}, {}, {}
+  for i, s in ipairs(steps) do
+    index[s.id] = i
+    for _, n in ipairs(s.needs or {}) do
+      dependents[n] = dependents[n] or {}
+      table.insert(dependents[n], s.id)
+    end
+  end
+  local by = {}
+  for _, s in ipairs(steps) do by[s.id] = s end
+  local function length(id) -- the graph has no cycle (check_graph)
+    if chain[id] then return chain[id] end
+    local longest = 0
+    for _, d in ipairs(dependents[id] or {}) do longest = math.max(longest, length(d)) end
+    chain[id] = longest + 1
+    return chain[id]
+  end
+  table.sort(order, function(a, b)
+    local la, lb = length(a.id), length(b.id)
+    if la ~= lb then return la > lb end
+    return index[a.id] < index[b.id]
+  end)
+  return order
+end
+
 local function git_revision(root)
   local r = proc.run({"git", "-C", root, "rev-parse", "HEAD"}, {timeout = 30, stderr = "ignore"})
   if r and r.ok then return (r.stdout:gsub("%s+$", "")) end
@@ -395,11 +429,12 @@ function deploy.run(opts)
     end})
 
     local running, stop = 0, false
+    local order = deploy.start_order(steps, run.jobs)
     while true do
       local changed = true
       while changed and not stop and not run.interrupted do
         changed = false
-        for _, s in ipairs(steps) do
+        for _, s in ipairs(order) do
           if s.status == "pending" then
             local ready, blocked = true, nil
             for _, n in ipairs(s.needs) do
