@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuilds docs/lua-api.md from the per-area parts in docs/parts/, in reading order.
+# Rebuilds docs/lua-api.md from the per-area parts in docs/parts/, in reading order, and
+# the tool sections docs/config.md copies from docs/parts/<tool>.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=(core fs yaml-json crypto-store http-client http-server)
@@ -12,3 +13,15 @@ parts=(core fs yaml-json crypto-store http-client http-server)
   done
 } > docs/lua-api.md.tmp
 mv docs/lua-api.md.tmp docs/lua-api.md
+
+# docs/config.md carries a copy of each tool's section between <!-- TOOL: ... --> and
+# <!-- /TOOL --> markers: refresh them from docs/parts/<tool>.md
+for tool in terraform ansible helm cloudformation; do
+  mark=$(echo "$tool" | tr a-z A-Z)
+  awk -v s="<!-- $mark:" -v e="<!-- /$mark -->" -v part="docs/parts/$tool.md" '
+    index($0, s) == 1 { print; while ((getline line < part) > 0) print line; skip = 1; next }
+    index($0, e) == 1 { skip = 0 }
+    !skip { print }
+  ' docs/config.md > docs/config.md.tmp
+  mv docs/config.md.tmp docs/config.md
+done
