@@ -176,7 +176,9 @@ function log.enabled(level) return LEVELS[level] >= state.level end
 function log.with(base)
   local child = {}
   for name in pairs(COLOURS) do
+    local level = LEVELS[name]
     child[name] = function(msg, fields, ...)
+      if level < state.level then return end -- nothing to build for a line nobody sees
       if select("#", ...) > 0 or (fields ~= nil and type(fields) ~= "table") then
         msg = string.format(msg, fields, ...)
         fields = nil

@@ -80,7 +80,7 @@ function Step:run(argv, opts)
     out:flush()
     return {ok = true, code = 0, stdout = "", stderr = "", dry_run = true, duration = 0}
   end
-  self.log.debug("running " .. Step.command_line(argv), {cwd = cwd})
+  if log.enabled("debug") then self.log.debug("running " .. Step.command_line(argv), {cwd = cwd}) end
   local stdout = opts.quiet and "capture" or function(line) self:output_line(line, "stdout") end
   local res, err, code = proc.run(argv, {
     cwd = cwd, env = env, stdin = opts.stdin, timeout = opts.timeout or self.timeout,
