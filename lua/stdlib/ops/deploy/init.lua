@@ -323,21 +323,29 @@ function deploy.run(opts)
       tools[s.env] = tools[s.env] or {}
       tools[s.env][s.folder or s.dir] = s.tool
     end
-    -- the working copies are made by one task, in the order the steps need them, while
-    -- the steps of environments already copied run; a step waits for its own
+    -- the working copies are made in the order the steps need them, while the steps of
+    -- environments already copied run; a step waits for its own
     local order, queued, copy_waiters = {}, {}, {}
     for _, st in ipairs(steps) do
       if not queued[st.env] then queued[st.env] = true; order[#order + 1] = st.env end
     end
-    local copier = sched.spawn(function()
-      for _, e in ipairs(order) do
-        local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e])
-        run.copies[e] = cok and {ok = true} or {err = cerr}
-        for _, t in ipairs(copy_waiters[e] or {}) do sched.wake(t) end
-        copy_waiters[e] = nil
-      end
-    end)
-    local copying <close> = setmetatable({}, {__close = function() copier:cancel() end})
+    -- (with several jobs, a few copies at once: steps of several environments start together)
+    local next_copy, copiers = 1, {}
+    for c = 1, math.min(run.jobs, 4) do
+      copiers[c] = sched.spawn(function()
+        while next_copy <= #order do
+          local e = order[next_copy]
+          next_copy = next_copy + 1
+          local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e])
+          run.copies[e] = cok and {ok = true} or {err = cerr}
+          for _, t in ipairs(copy_waiters[e] or {}) do sched.wake(t) end
+          copy_waiters[e] = nil
+        end
+      end)
+    end
+    local copying <close> = setmetatable({}, {__close = function()
+      for _, c in ipairs(copiers) do c:cancel() end
+    end})
     function run.await_copy(e)
       while not run.copies[e] do
         copy_waiters[e] = copy_waiters[e] or {}
