@@ -10,7 +10,7 @@ usage: opsrun runs [--store PATH] [--limit N]     the latest runs, newest first
        opsrun runs show ID [--store PATH]         one run: its steps, exit codes, log tails
 ]==]
 
-local function when(t) return t and time.iso8601(t):sub(1, 19):gsub("T", " ") or "-" end
+local when = time.stamp
 
 function M.main(args)
   local store, limit, show

@@ -50,7 +50,7 @@ local function load(opts, load_opts)
   return cfg
 end
 
-local function when(t) return t and time.iso8601(t):sub(1, 19):gsub("T", " ") or "-" end
+local when = time.stamp
 
 -- `opsrun serve status`: the server's health (when the config says where it listens),
 -- the queue, the latest deliveries with their outcome and run, the latest runs.

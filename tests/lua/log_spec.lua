@@ -69,4 +69,18 @@ describe("ops.log", function()
     assert.are.equal("key=*** ok", log.redact("key=AKIAABCDEFGH ok"))
     assert.has_error(function() log.add_mask("[unclosed") end)
   end)
+
+  it("shows a URL without the credentials it carries", function()
+    local log = require "ops.log"
+    assert.are.equal("https://git.example/acme/ops.git", log.public_url("https://bot:s3cret@git.example/acme/ops.git"))
+    assert.are.equal("https://git.example/x", log.public_url("https://git.example/x"))
+    assert.are.equal("git@github.com:acme/ops.git", log.public_url("git@github.com:acme/ops.git"))
+  end)
+end)
+
+describe("ops.time.stamp", function()
+  it("writes a time to the second, and - for none", function()
+    assert.are.equal("2026-11-23 23:26:08", ops.time.stamp(1795476368.9))
+    assert.are.equal("-", ops.time.stamp(nil))
+  end)
 end)

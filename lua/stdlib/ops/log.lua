@@ -74,6 +74,12 @@ function log.redact(s)
   return s
 end
 
+--- log.public_url(url) -> url without the user and password it may carry
+--- ("https://u:p@host/x" -> "https://host/x"), for messages, logs and names
+function log.public_url(url)
+  return (tostring(url):gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
+end
+
 function log.set_level(name)
   local l = LEVELS[name]
   if not l then error("unknown log level '" .. tostring(name) .. "' (debug, info, warn, error, off)", 2) end

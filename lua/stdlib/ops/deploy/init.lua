@@ -136,8 +136,6 @@ function deploy.start_order(steps, jobs)
       table.insert(dependents[n], s.id)
     end
   end
-  local by = {}
-  for _, s in ipairs(steps) do by[s.id] = s end
   local function length(id) -- the graph has no cycle (check_graph)
     if chain[id] then return chain[id] end
     local longest = 0
@@ -389,7 +387,7 @@ function deploy.run(opts)
         local o = proc.run({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
         scope = o and o.ok and o.stdout:gsub("%s+$", "") or real
       end
-      scope = scope:gsub("//[^/@]*@", "//") -- no credentials in lock names
+      scope = log.public_url(scope) -- no credentials in lock names
       for _, e in ipairs(env_names) do
         local name = "env:" .. scope .. ":" .. e
         local got, holder = history.lock(db, name, run.run_id)

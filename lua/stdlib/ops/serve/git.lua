@@ -7,9 +7,7 @@ local failure = require "ops.deploy.failure"
 local git = {}
 
 -- The URL as it may be shown (messages are logged and stored): without user and password.
-local function shown_url(url)
-  return (url:gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
-end
+local shown_url = require("ops.log").public_url
 git.shown_url = shown_url
 
 -- git's own messages may quote the URL: take its credentials out of them too.

@@ -41,9 +41,7 @@ local function split(path)
 end
 
 -- The URL as it may be shown: without the user and password.
-local function shown_url(url)
-  return (url:gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
-end
+local shown_url = log.public_url
 
 local function url_segment(s)
   return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
