@@ -75,13 +75,8 @@ for mode in verify exec; do
   wait "${pids[-1]}" || true
 done
 
-port=$(free_port)
-webhook -hooks "$work/hooks.json" -ip 127.0.0.1 -port "$port" > "$work/webhook.log" 2>&1 &
-pids+=($!)
-webhook_pid=$!
-wait_up "http://127.0.0.1:$port/"
-run_wrk webhook "http://127.0.0.1:$port/hooks/bench" "$webhook_pid"
+start_webhook "$work/hooks.json" "$work/webhook.log"
+run_wrk webhook "http://127.0.0.1:$webhook_port/hooks/bench" "$webhook_pid"
 
 awk -v a="$opsrun_verify_rps" -v e="$opsrun_exec_rps" -v b="$webhook_rps" 'BEGIN {
   printf "ratio    opsrun/webhook requests/s: %.2f answering only, %.2f both running /bin/true\n", a / b, e / b}'
-if grep -q "ops.crypto is not built" "$work/opsrun.err"; then echo "(opsrun ran without ops.crypto: no HMAC check)"; fi

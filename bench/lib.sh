@@ -15,3 +15,13 @@ wait_up() {
   echo "server at $1 did not come up" >&2
   exit 1
 }
+
+# start_webhook HOOKS_JSON LOG -> sets webhook_port, webhook_pid: adnanh/webhook on
+# 127.0.0.1, answering once it is up (the baseline both HTTP benchmarks measure against)
+start_webhook() {
+  webhook_port=$(free_port)
+  webhook -hooks "$1" -ip 127.0.0.1 -port "$webhook_port" > "$2" 2>&1 &
+  webhook_pid=$!
+  pids+=("$webhook_pid")
+  wait_up "http://127.0.0.1:$webhook_port/"
+}

@@ -108,12 +108,8 @@ cat > "$work/hooks.json" <<JSON
   "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": "$secret",
                              "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}}}]
 JSON
-port=$(free_port)
-webhook -hooks "$work/hooks.json" -ip 127.0.0.1 -port "$port" > "$work/webhook.log" 2>&1 &
-pids+=($!)
-webhook_pid=$!
-wait_up "http://127.0.0.1:$port/"
-run_wrk webhook "http://127.0.0.1:$port/hooks/ops" "$webhook_pid"
+start_webhook "$work/hooks.json" "$work/webhook.log"
+run_wrk webhook "http://127.0.0.1:$webhook_port/hooks/ops" "$webhook_pid"
 
 awk -v a="$opsrun_rps" -v b="$webhook_rps" -v pa="$opsrun_p99" -v pb="$webhook_p99" \
     -v ra="$opsrun_peak" -v rb="$webhook_peak" 'BEGIN {
