@@ -4,12 +4,8 @@
 -- schema, created by ops.store) with journal_mode=WAL and synchronous=FULL, so
 -- every item costs a WAL fsync. Prints items/second for each and the ratio.
 --
--- Run (until opsrun embeds the modules):
---   mkdir -p /tmp/stdev/ops/core
---   gcc -shared -fPIC -O2 -o /tmp/stdev/ops/core/store.so runtime/store.c \
---       $(pkg-config --cflags --libs lua5.4 sqlite3)
---   LUA_CPATH="/tmp/stdev/?.so;;" LUA_PATH="lua/stdlib/?.lua;;" \
---       lua5.4 bench/store_bench.lua [items=2000] [dir=a fresh directory under /tmp]
+-- Run:
+--   build/opsrun bench/store_bench.lua [items=2000] [dir=a fresh directory under /tmp]
 -- The directory must be on the disk you care about: a tmpfs makes fsync free.
 
 local store = require("ops.store")

@@ -6,12 +6,12 @@ local store = require("ops.store")
 local function tmpdir()
   local p = os.tmpname()
   os.remove(p)
-  assert(os.execute("mkdir -p '" .. p .. "'"))
+  assert(ops.fs.mkdir_p(p))
   return p
 end
 
 local function rmdir(p)
-  os.execute("rm -rf '" .. p .. "'")
+  ops.fs.remove(p, {recursive = true})
 end
 
 -- A stand-in for ops.core.sched: tasks are coroutines (their own task token), run in FIFO order.
@@ -636,13 +636,22 @@ describe("ops.store", function()
       f:write(child_src)
       f:close()
       local path, out = dir .. "/crash.db", dir .. "/acked.txt"
-      local lua = os.getenv("OPSRUN") or "lua5.4"
-      local cmd = string.format(
-        "LUA_PATH=%q LUA_CPATH=%q %s %q %q > %q 2>%q & pid=$!; "
-          .. "i=0; while [ $i -lt 100 ] && [ \"$(cat %q 2>/dev/null | wc -l)\" -lt 50 ]; do sleep 0.05; i=$((i+1)); done; "
-          .. "{ kill -9 $pid; wait $pid; } 2>/dev/null",
-        package.path, package.cpath, lua, script, path, out, out .. ".err", out)
-      os.execute(cmd)
+      -- the child is opsrun itself, writing each id once its enqueue has committed
+      local child = assert(ops.proc.spawn({assert(os.getenv("OPSRUN")), script, path},
+        {stdout = {path = out}, stderr = {path = out .. ".err"}}))
+      local function acked_lines()
+        local f = io.open(out)
+        if not f then return 0 end
+        local _, n = f:read("a"):gsub("\n", "")
+        f:close()
+        return n
+      end
+      for _ = 1, 200 do
+        if acked_lines() >= 50 then break end
+        ops.sleep(0.05)
+      end
+      assert(child:kill("SIGKILL"))
+      assert.are.equal("SIGKILL", child:wait().signal)
       local acked = {}
       local text = assert(io.open(out)):read("a")
       for line in text:gmatch("(%d+)\n") do acked[#acked + 1] = tonumber(line) end
@@ -687,13 +696,14 @@ describe("ops.store", function()
         end
       ]])
       f:close()
-      local lua = os.getenv("OPSRUN") or "lua5.4"
-      local parts = {}
+      local workers_started = {}
       for w = 1, 3 do
-        parts[#parts + 1] = string.format("LUA_PATH=%q LUA_CPATH=%q %s %q %q w%d > %q 2> %q &",
-          package.path, package.cpath, lua, script, path, w, dir .. "/w" .. w .. ".out", dir .. "/w" .. w .. ".out.err")
+        workers_started[w] = assert(ops.proc.spawn({assert(os.getenv("OPSRUN")), script, path, "w" .. w},
+          {stdout = {path = dir .. "/w" .. w .. ".out"}, stderr = {path = dir .. "/w" .. w .. ".out.err"}}))
       end
-      assert(os.execute(table.concat(parts, " ") .. " sleep 0.2; touch '" .. path .. ".go'; wait"))
+      ops.sleep(0.2)
+      assert(io.open(path .. ".go", "w")):close() -- start together
+      for w = 1, 3 do assert.is_true(workers_started[w]:wait().ok) end
       local seen, count, workers = {}, 0, 0
       for w = 1, 3 do
         local err = assert(io.open(dir .. "/w" .. w .. ".out.err")):read("a")
