@@ -120,3 +120,21 @@ describe("the order steps start in", function()
     assert.are.same({"a", "b", "short", "c"}, ids(deploy.start_order(steps, 2)))
   end)
 end)
+
+describe("environment names", function()
+  local h = require "helpers"
+
+  it("are top-level folders of the repo, never a path out of it", function()
+    local dir = h.tmpdir()
+    assert(ops.fs.mkdir_p(dir .. "/repo/dev/terraform"))
+    assert(ops.fs.mkdir_p(dir .. "/outside/terraform"))
+    assert(ops.fs.mkdir_p(dir .. "/repo/_default/terraform"))
+    assert.are.equal(1, #repo.plan_env(dir .. "/repo", "dev"))
+    for _, bad in ipairs({"../outside", "dev/terraform", "/etc", ".", "..", "_default", ""}) do
+      local ok, err = pcall(repo.plan_env, dir .. "/repo", bad)
+      assert.is_false(ok, bad)
+      assert.matches("environment '.*' not found in .* %(environments: dev%)", failure.message(err))
+    end
+    h.rmtree(dir)
+  end)
+end)

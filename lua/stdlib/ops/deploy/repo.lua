@@ -78,7 +78,9 @@ end
 --- steps: {{id, env, tool, folder}} in deployment order; settings: the env's bitops table
 function repo.plan_env(root, env)
   local env_dir = fs.join(root, env)
-  if not is_dir(env_dir) then
+  -- an environment is a top-level folder of the repo: never a path out of it
+  local is_env = type(env) == "string" and env:match("^[%w_][%w_.-]*$") and env ~= repo.DEFAULT_DIR
+  if not is_env or not is_dir(env_dir) then
     local envs = repo.environments(root)
     failure.raise(string.format("environment '%s' not found in %s (environments: %s)", env, root,
       #envs > 0 and table.concat(envs, ", ") or "none"))
