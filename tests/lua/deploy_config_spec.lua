@@ -138,3 +138,22 @@ describe("environment names", function()
     h.rmtree(dir)
   end)
 end)
+
+describe("hand-written steps", function()
+  it("are refused when their folder or environment leads out of the repo", function()
+    local deploy = require "ops.deploy"
+    local h = require "helpers"
+    local dir = h.tmpdir()
+    assert(ops.fs.mkdir_p(dir .. "/dev/terraform"))
+    for _, step in ipairs({
+      {id = "a", env = "dev", tool = "terraform", folder = "../../etc"},
+      {id = "b", env = "dev", tool = "terraform", dir = "/etc"},
+      {id = "c", env = "../x", tool = "terraform", folder = "terraform"},
+      {id = "d", env = "dev", tool = "terraform"},
+    }) do
+      local code = deploy.run({repo = dir, steps = {step}, dry_run = true, out = {write = function() end, flush = function() end}})
+      assert.are.equal(1, code, step.id)
+    end
+    h.rmtree(dir)
+  end)
+end)

@@ -95,6 +95,18 @@ local function check_graph(steps)
   for _, s in ipairs(steps) do
     if type(s.id) ~= "string" then failure.raise("every step needs an id") end
     if by_id[s.id] then failure.raise("two steps are called '" .. s.id .. "'") end
+    for _, key in ipairs({"folder", "dir"}) do
+      local rel = s[key]
+      if rel ~= nil and (type(rel) ~= "string" or rel == "" or rel:sub(1, 1) == "/"
+          or ("/" .. rel .. "/"):find("/%.%./")) then
+        failure.raise(string.format("step '%s': %s must be a folder inside its environment, not %s",
+          s.id, key, tostring(rel)))
+      end
+    end
+    if type(s.env) ~= "string" or not s.env:match("^[%w_][%w_.-]*$") then
+      failure.raise(string.format("step '%s': env must name a top-level folder of the repo, not %s", s.id, tostring(s.env)))
+    end
+    if s.folder == nil and s.dir == nil then failure.raise("step '" .. s.id .. "' needs a folder") end
     by_id[s.id] = s
   end
   for _, s in ipairs(steps) do
