@@ -94,7 +94,7 @@ end
 
 --- M:stack(step) -> stack: the step's configuration, checked, as the other stages use it:
 -- {name, action, template_file, template (absolute path), capabilities, region,
---  s3 = {bucket, key} | nil, validate, skip}; M:parameters adds parameters (a path) and
+--  s3 = {bucket, key} | nil, validate}; M:parameters adds parameters (a path) and
 -- M:upload template_url.
 function M:stack(step)
   local name = setting(step, "options", "cfn-stack-name")
@@ -113,7 +113,6 @@ function M:stack(step)
     capabilities = words(setting(step, "options", "capabilities")),
     region = setting(step, "options", "region"),
     validate = setting(step, "cli", "validate-cfn") ~= false,
-    skip = setting(step, "cli", "skip-deploy") == true,
   }
   local bucket = setting(step, "options", "s3bucket")
   local prefix = setting(step, "options", "s3prefix")
@@ -357,13 +356,7 @@ end
 -- A stack in ROLLBACK_COMPLETE (its first creation failed and it holds no resources) cannot
 -- be updated: it is deleted and created again.
 function M:deploy(step)
-  local stack = self:stack(step)
-  if stack.skip then
-    if stack.validate and stack.action == "deploy" then self:validate(step, stack) end
-    step.log.info(string.format("skip-deploy is set: stack '%s' is left as it is (stack-action %s)",
-      stack.name, stack.action))
-    return
-  end
+  local stack = self:stack(step) -- (cli.skip-deploy: the engine skips the step before it gets here)
   if stack.action == "delete" then
     if not self:exists(step, stack) and not step.dry_run then
       step.log.info(string.format("stack '%s' does not exist: nothing to delete", stack.name))

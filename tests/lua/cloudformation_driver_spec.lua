@@ -241,20 +241,6 @@ describe("cloudformation deploy", function()
     assert.equals(1, #step.commands)
   end)
 
-  it("with skip-deploy, validates the template and changes nothing", function()
-    local step = new_step({["cfn-stack-name"] = "web", s3bucket = "b"}, {["skip-deploy"] = true})
-    cfn:deploy(step)
-    assert.are.same({cmd "aws cloudformation validate-template --template-body file://DIR/template.yaml"},
-      step.commands)
-    assert.is_true(logged(step, "skip-deploy is set: stack 'web' is left as it is"))
-  end)
-
-  it("with skip-deploy and stack-action delete, runs nothing", function()
-    local step = new_step({["cfn-stack-name"] = "web"}, {["skip-deploy"] = true, ["stack-action"] = "delete"})
-    cfn:deploy(step)
-    assert.are.same({}, step.commands)
-  end)
-
   it("deletes a ROLLBACK_COMPLETE stack before creating it again, logging why it failed", function()
     local step = new_step({["cfn-stack-name"] = "web"}, {["validate-cfn"] = false}, {
       ["aws cloudformation describe-stacks"] = sequence(described("ROLLBACK_COMPLETE"),

@@ -157,3 +157,26 @@ describe("hand-written steps", function()
     h.rmtree(dir)
   end)
 end)
+
+describe("skip-deploy", function()
+  it("skips the step before its driver runs, in whichever section the tool keeps it", function()
+    local deploy = require "ops.deploy"
+    local h = require "helpers"
+    local dir = h.tmpdir()
+    assert(ops.fs.mkdir_p(dir .. "/dev/cloudformation"))
+    assert(ops.fs.mkdir_p(dir .. "/dev/helm/web"))
+    h.write(dir .. "/dev/cloudformation/bitops.config.yaml",
+      "cloudformation:\n  cli:\n    skip-deploy: true\n  options:\n    cfn-stack-name: web\n")
+    h.write(dir .. "/dev/helm/bitops.config.yaml", "helm:\n  cli:\n    namespace: ns\n  options:\n    skip-deploy: true\n")
+    h.write(dir .. "/dev/helm/web/Chart.yaml", "name: web\n")
+    local printed = {}
+    local out = {write = function(self, ...) for _, x in ipairs({...}) do printed[#printed + 1] = x end return self end,
+                 flush = function(self) return self end}
+    local code, run = deploy.run({repo = dir, envs = {"dev"}, dry_run = true, out = out})
+    assert.are.equal(0, code)
+    assert.are.equal("skipped", run.by_id["dev/cloudformation"].status)
+    assert.are.equal("skipped", run.by_id["dev/helm"].status)
+    assert.is_nil(table.concat(printed):find("would run", 1, true))
+    h.rmtree(dir)
+  end)
+end)

@@ -370,7 +370,7 @@ describe("helm driver: dependencies", function()
   end)
 end)
 
-describe("helm driver: uninstall and skip-deploy", function()
+describe("helm driver: uninstall", function()
   it("uninstalls instead of upgrading when options.uninstall is true", function()
     chart("web", DEPS:format("web"))
     local step = step_with{options = {uninstall = true}}
@@ -410,14 +410,6 @@ describe("helm driver: uninstall and skip-deploy", function()
       code = 1, stdout = "", stderr = "Error: Kubernetes cluster unreachable"}}}
     assert.are.equal("helm uninstall failed (exit 1): Error: Kubernetes cluster unreachable",
       failure(helm.deploy, helm, step))
-  end)
-
-  it("runs nothing with options.skip-deploy, and says so", function()
-    chart("web")
-    local step = step_with{options = {["skip-deploy"] = true}}
-    helm:deploy(step)
-    assert.are.same({}, step.commands)
-    assert.are.same({"info: options.skip-deploy is set: skipping test/helm"}, step.log.lines)
   end)
 end)
 
