@@ -55,6 +55,56 @@ describe("config precedence", function()
   it("reads a comma-separated list from a variable", function()
     assert.are.same({"a.b", "c"}, resolve({}, {BITOPS_TERRAFORM_TARGET = "a.b, c"}).cli.target)
   end)
+
+  local NESTED = {
+    options = {
+      k8s = {type = "object", properties = {
+        kubeconfigpath = {type = "string"},
+        fetch = {type = "object", properties = {enabled = {type = "boolean", default = true}}},
+      }},
+      empty = {type = "object", properties = {}},
+    },
+  }
+  local function nested(file, env, tool)
+    return config.resolve(NESTED, file, {
+      tool = tool or "helm", where = "environment 'e': helm step", file = "e/helm/bitops.config.yaml",
+      getenv = function(name) return (env or {})[name] end,
+    })
+  end
+
+  it("reads nested settings from the file, the environment and the defaults", function()
+    local cfg = nested({helm = {options = {k8s = {kubeconfigpath = "/k"}}}})
+    assert.are.equal("/k", cfg.options.k8s.kubeconfigpath)
+    assert.is_true(cfg.options.k8s.fetch.enabled)
+    assert.are.same({}, cfg.options.empty)
+    cfg = nested({options = {k8s = {fetch = {enabled = false}}}}, {BITOPS_HELM_K8S_KUBECONFIGPATH = "/env"})
+    assert.are.equal("/env", cfg.options.k8s.kubeconfigpath)
+    assert.is_false(cfg.options.k8s.fetch.enabled)
+    assert.is_false(nested({}, {BITOPS_HELM_K8S_FETCH_ENABLED = "no"}).options.k8s.fetch.enabled)
+    -- the same schema for another tool reads that tool's variables
+    assert.are.equal("/t", nested({}, {BITOPS_TERRAFORM_K8S_KUBECONFIGPATH = "/t"}, "terraform").options.k8s.kubeconfigpath)
+    assert.is_nil(nested({}, {BITOPS_TERRAFORM_K8S_KUBECONFIGPATH = "/t"}).options.k8s.kubeconfigpath)
+  end)
+
+  it("warns of settings and sections it does not know, naming the key and the file", function()
+    local _, _, warnings = nested({helm = {options = {k8s = {kubeconfig = "/k", fetch = {on = 1}}, colour = "red"}, extra = {}}})
+    table.sort(warnings)
+    assert.are.same({
+      "environment 'e': helm step: extra is not a section opsrun knows (e/helm/bitops.config.yaml); ignored",
+      "environment 'e': helm step: options.colour is not a setting opsrun knows; ignored (e/helm/bitops.config.yaml)",
+      "environment 'e': helm step: options.k8s.fetch.on is not a setting opsrun knows; ignored (e/helm/bitops.config.yaml)",
+      "environment 'e': helm step: options.k8s.kubeconfig is not a setting opsrun knows; ignored (e/helm/bitops.config.yaml)",
+    }, warnings)
+  end)
+
+  it("fails when a level that holds settings is not a mapping", function()
+    for _, file in ipairs({{options = "x"}, {options = {k8s = {"a", "b"}}}, {options = {k8s = {fetch = 3}}}}) do
+      local ok, err = pcall(nested, file)
+      assert.is_false(ok)
+      assert.matches("must be a mapping, not", failure.message(err))
+      assert.matches("(e/helm/bitops.config.yaml)", failure.message(err), 1, true)
+    end
+  end)
 end)
 
 describe("BitOps logging.masks", function()

@@ -117,6 +117,17 @@ local function field_text(v)
   return tostring(v)
 end
 
+-- The time of day in front of each line, formatted once a second (a local time is a
+-- time-zone lookup: bursts of lines need not repeat it).
+local last_second, last_clock
+local function clock()
+  local now = os.time()
+  if now ~= last_second then
+    last_second, last_clock = now, os.date("%H:%M:%S", now)
+  end
+  return last_clock
+end
+
 local function emit(level, msg, fields)
   if LEVELS[level] < state.level then return end
   msg = log.redact(msg)
@@ -150,7 +161,7 @@ local function emit(level, msg, fields)
     local tail = #parts > 0 and ("  " .. table.concat(parts, " ")) or ""
     local tag = string.format("%-5s", level:upper())
     if use_colour() then tag = COLOURS[level] .. tag .. "\27[0m" end
-    line = os.date("%H:%M:%S") .. " " .. tag .. " " .. prefix .. msg .. tail
+    line = clock() .. " " .. tag .. " " .. prefix .. msg .. tail
   end
   state.out:write(line, "\n")
   state.out:flush()

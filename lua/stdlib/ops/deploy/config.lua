@@ -109,6 +109,48 @@ local function export_string(v)
   return tostring(v)
 end
 
+-- A schema compiled for one tool: its settings in a flat list, each with where it sits
+-- and the variables that may set it, made once (resolve runs for every step).
+local compiled = setmetatable({}, {__mode = "k"})
+
+local function compile(schema, tool)
+  local by_tool = compiled[schema]
+  if not by_tool then
+    by_tool = {}
+    compiled[schema] = by_tool
+  end
+  local c = by_tool[tool]
+  if c then return c end
+  c = {sections = {}, settings = {}, objects = {}}
+  local function walk(props, path)
+    local keys = {}
+    for key in pairs(props) do keys[#keys + 1] = key end
+    table.sort(keys)
+    for _, key in ipairs(keys) do
+      local spec = props[key]
+      local p = {table.unpack(path)}
+      p[#p + 1] = key
+      if spec.type == "object" then
+        c.objects[#c.objects + 1] = p
+        walk(spec.properties or {}, p)
+      else
+        -- BITOPS_<TOOL>_<KEY>, then BitOps 2's BITOPS_<EXPORT_ENV>, then <EXPORT_ENV>
+        local names = {env_key(tool, {table.unpack(p, 2)})}
+        if spec.export_env then
+          names[2] = "BITOPS_" .. spec.export_env
+          names[3] = spec.export_env
+        end
+        c.settings[#c.settings + 1] = {path = p, spec = spec, names = names}
+      end
+    end
+  end
+  for name in pairs(schema) do c.sections[#c.sections + 1] = name end
+  table.sort(c.sections)
+  for _, name in ipairs(c.sections) do walk(schema[name], {name}) end
+  by_tool[tool] = c
+  return c
+end
+
 --- config.resolve(schema, file_table, ctx) -> cfg, exports, warnings
 --- Precedence for each key: BITOPS_<TOOL>_<KEY> > BITOPS_<EXPORT_ENV> > <EXPORT_ENV> > the file
 --- > the default. Empty variables are ignored.
@@ -125,74 +167,79 @@ function config.resolve(schema, file_table, ctx)
   local function bad(path, why)
     failure.raise(string.format("%s: %s %s (%s)", ctx.where, table.concat(path, "."), why, ctx.file))
   end
+  local c = compile(schema, ctx.tool)
 
-  local function walk(props, section, path, out)
-    if not is_null(section) and type(section) ~= "table" then bad(path, "must be a mapping, not " .. describe(section)) end
-    section = (not is_null(section)) and section or {}
-    for key, spec in pairs(props) do
+  -- the file's shape: every level the schema has is a mapping; keys it does not know warn
+  local function check(props, section, path)
+    if is_null(section) then return end
+    if type(section) ~= "table" or is_sequence(section) then bad(path, "must be a mapping, not " .. describe(section)) end
+    for key, v in pairs(section) do
+      local spec = props[key]
       local p = {table.unpack(path)}
-      p[#p + 1] = key
-      if spec.type == "object" then
-        out[key] = {}
-        walk(spec.properties or {}, section[key], p, out[key])
-      else
-        local value, why
-        local env_path = {table.unpack(p, 2)}
-        -- BITOPS_<TOOL>_<KEY>, then BitOps 2's BITOPS_<EXPORT_ENV>, then <EXPORT_ENV>;
-        -- a variable set to "" counts as not set (CI templates pass empty ones)
-        local from
-        for _, name in ipairs({env_key(ctx.tool, env_path), spec.export_env and ("BITOPS_" .. spec.export_env),
-                               spec.export_env}) do
-          local v = getenv(name)
-          if v ~= nil and v ~= "" then
-            from = v
-            break
-          end
-        end
-        if from ~= nil then
-          value, why = coerce(from, spec, true)
-          if value == nil then bad(p, why .. " (from the environment)") end
-        elseif not is_null(section[key]) then
-          value, why = coerce(section[key], spec, false)
-          if value == nil then bad(p, why) end
-        else
-          value = spec.default
-        end
-        if value == nil and spec.required then bad(p, "is required") end
-        if value ~= nil and spec.enum then
-          local okv = false
-          for _, e in ipairs(spec.enum) do if e == value then okv = true end end
-          if not okv then bad(p, "must be one of " .. table.concat(spec.enum, ", ") .. ", not " .. describe(value)) end
-        end
-        out[key] = value
-        if spec.export_env and value ~= nil then
-          exports[spec.export_env] = export_string(value)
-          exports["BITOPS_" .. spec.export_env] = exports[spec.export_env]
-        end
-      end
-    end
-    for key in pairs(section) do
-      if props[key] == nil then
-        local p = {table.unpack(path)}
-        p[#p + 1] = tostring(key)
+      p[#p + 1] = tostring(key)
+      if spec == nil then
         warnings[#warnings + 1] = string.format("%s: %s is not a setting opsrun knows; ignored (%s)",
           ctx.where, table.concat(p, "."), ctx.file)
+      elseif spec.type == "object" then
+        check(spec.properties or {}, v, p)
       end
     end
   end
-
-  local cfg = {}
-  local sections = {}
-  for name in pairs(schema) do sections[#sections + 1] = name end
-  table.sort(sections)
-  for _, name in ipairs(sections) do
-    cfg[name] = {}
-    walk(schema[name], body[name], {name}, cfg[name])
-  end
+  for _, name in ipairs(c.sections) do check(schema[name], body[name], {name}) end
   for key in pairs(body) do
     if schema[key] == nil then
       warnings[#warnings + 1] = string.format("%s: %s is not a section opsrun knows (%s); ignored",
         ctx.where, tostring(key), ctx.file)
+    end
+  end
+
+  local cfg = {}
+  for _, name in ipairs(c.sections) do cfg[name] = {} end
+  for _, p in ipairs(c.objects) do -- parents come before their children
+    local out = cfg
+    for i = 1, #p - 1 do out = out[p[i]] end
+    out[p[#p]] = {}
+  end
+  for _, setting in ipairs(c.settings) do
+    local p, spec = setting.path, setting.spec
+    -- where the value sits in cfg and in the file (levels the file lacks are nil)
+    local out, section = cfg, body
+    for i = 1, #p - 1 do
+      out = out[p[i]]
+      if section ~= nil then
+        section = section[p[i]]
+        if is_null(section) then section = nil end
+      end
+    end
+    local key = p[#p]
+    local value, why, from
+    -- a variable set to "" counts as not set (CI templates pass empty ones)
+    for _, name in ipairs(setting.names) do
+      local v = getenv(name)
+      if v ~= nil and v ~= "" then
+        from = v
+        break
+      end
+    end
+    if from ~= nil then
+      value, why = coerce(from, spec, true)
+      if value == nil then bad(p, why .. " (from the environment)") end
+    elseif section ~= nil and not is_null(section[key]) then
+      value, why = coerce(section[key], spec, false)
+      if value == nil then bad(p, why) end
+    else
+      value = spec.default
+    end
+    if value == nil and spec.required then bad(p, "is required") end
+    if value ~= nil and spec.enum then
+      local okv = false
+      for _, e in ipairs(spec.enum) do if e == value then okv = true end end
+      if not okv then bad(p, "must be one of " .. table.concat(spec.enum, ", ") .. ", not " .. describe(value)) end
+    end
+    out[key] = value
+    if spec.export_env and value ~= nil then
+      exports[spec.export_env] = export_string(value)
+      exports["BITOPS_" .. spec.export_env] = exports[spec.export_env]
     end
   end
   return cfg, exports, warnings

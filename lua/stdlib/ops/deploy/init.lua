@@ -213,7 +213,11 @@ local function execute(run, s)
   local ok, err = xpcall(function()
     run.await_copy(s.env)
     if not fs.exists(dir) then step:fail(s.id .. ": the folder " .. dir .. " does not exist") end
-    driver = deploy.driver(s.tool)
+    driver = run.drivers[s.tool]
+    if not driver then
+      driver = deploy.driver(s.tool)
+      run.drivers[s.tool] = driver
+    end
     hooks.run(step, "before")
     -- read after the before-hooks: a hook may still edit the config
     local shown = s.id .. "/bitops.config.yaml"
@@ -326,7 +330,7 @@ function deploy.run(opts)
     local run = {
       repo = real, steps = steps, by_id = by_id, jobs = math.max(1, opts.jobs or 4),
       fail_fast = fail_fast, dry_run = opts.dry_run and true or false, workdir = workdir.path,
-      copies = {}, outputs = {}, exports = {}, timeout = opts.timeout, out = out,
+      copies = {}, outputs = {}, exports = {}, timeout = opts.timeout, out = out, drivers = {},
     }
     local tools = {}
     for _, s in ipairs(steps) do
@@ -368,6 +372,7 @@ function deploy.run(opts)
     -- the store: history and locks (a dry run touches neither)
     local db, locks = nil, {}
     run.record = function() end
+    local flush_records = function() end
     if not run.dry_run then
       -- the run's record is safe from a crash of opsrun; a power cut may lose its last
       -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
@@ -376,16 +381,49 @@ function deploy.run(opts)
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
         args = opts.args and log.redact(opts.args), trigger = opts.trigger, delivery = opts.delivery,
       })
-      run.record = function(s)
-        history.record_step(db, run.run_id, {
-          id = s.id, env = s.env, tool = s.tool, status = s.status, code = s.code, started = s.started,
-          finished = s.finished, duration = s.duration, error = s.error and log.redact(s.error), log_tail = s.log_tail,
-        })
+      -- A step's record is written by a task of its own, in one transaction for all the
+      -- steps that changed meanwhile: a step marks itself and goes on to start its
+      -- command, and the row is written while that command runs.
+      local dirty, queued, writer_idle = {}, {}, nil
+      flush_records = function()
+        while #queued > 0 do
+          local list = queued
+          queued, dirty = {}, {}
+          db:transaction(function()
+            for _, s in ipairs(list) do
+              history.record_step(db, run.run_id, {
+                id = s.id, env = s.env, tool = s.tool, status = s.status, code = s.code, started = s.started,
+                finished = s.finished, duration = s.duration, error = s.error and log.redact(s.error), log_tail = s.log_tail,
+              })
+            end
+          end)
+        end
       end
-      db:transaction(function() -- one commit for the whole plan
-        for _, s in ipairs(steps) do run.record(s) end
+      local writer = sched.spawn(function()
+        while true do
+          if #queued == 0 then
+            writer_idle = sched.current()
+            sched.suspend()
+            writer_idle = nil
+          else
+            flush_records()
+          end
+        end
       end)
+      run.record = function(s)
+        if not dirty[s] then
+          dirty[s] = true
+          queued[#queued + 1] = s
+        end
+        if writer_idle then sched.wake(writer_idle) end
+      end
+      run.stop_writer = function() writer:cancel() end
+      for _, s in ipairs(steps) do run.record(s) end -- one commit for the whole plan
     end
+    local records <close> = setmetatable({}, {__close = function()
+      if run.stop_writer then run.stop_writer() end
+      pcall(flush_records)
+    end})
     local function release()
       for _, name in ipairs(locks) do pcall(history.unlock, db, name, run.run_id) end
       locks = {}
@@ -408,6 +446,7 @@ function deploy.run(opts)
             s.status, s.error = "not-run", "environment '" .. e .. "' was locked by another deploy"
             run.record(s)
           end
+          flush_records()
           history.finish_run(db, run.run_id, "failed", "locked")
           failure.raise(string.format("environment '%s' is being deployed by process %d on %s (run %s, since %s); "
             .. "wait for it, or stop it", e, holder.pid, holder.host, tostring(holder.run_id), time.iso8601(holder.started)))
@@ -446,37 +485,55 @@ function deploy.run(opts)
       end
     end})
 
+    -- Which steps may start: each counts the needs it still waits for; a step that ends
+    -- tells the steps that need it. Ready steps start in deploy.start_order's order.
     local running, stop = 0, false
     local order = deploy.start_order(steps, run.jobs)
-    while true do
-      local changed = true
-      while changed and not stop and not run.interrupted do
-        changed = false
-        for _, s in ipairs(order) do
-          if s.status == "pending" then
-            local ready, blocked = true, nil
-            for _, n in ipairs(s.needs) do
-              local st = by_id[n].status
-              if st == "failed" or st == "not-run" or st == "interrupted" then
-                blocked = n
-              elseif st ~= "succeeded" and st ~= "skipped" then
-                ready = false
+    local position, remaining, dependents, ready = {}, {}, {}, {}
+    for i, s in ipairs(order) do position[s] = i end
+    for _, s in ipairs(steps) do
+      remaining[s] = #s.needs
+      for _, n in ipairs(s.needs) do
+        dependents[n] = dependents[n] or {}
+        table.insert(dependents[n], s)
+      end
+    end
+    for _, s in ipairs(order) do
+      if remaining[s] == 0 then ready[#ready + 1] = s end
+    end
+    local function settle(s) -- s has ended
+      local ok = s.status == "succeeded" or s.status == "skipped"
+      for _, d in ipairs(dependents[s.id] or {}) do
+        if d.status == "pending" then
+          if ok then
+            remaining[d] = remaining[d] - 1
+            if remaining[d] == 0 then
+              local i = #ready
+              ready[i + 1] = d
+              while i >= 1 and position[ready[i]] > position[d] do
+                ready[i + 1], ready[i] = ready[i], d
+                i = i - 1
               end
             end
-            if blocked then
-              s.status, s.error, changed = "not-run", "it needs " .. blocked .. ", which did not succeed", true
-              run.record(s)
-            elseif ready and running < run.jobs then
-              running = running + 1
-              changed = true
-              s.status = "running"
-              s.task = sched.spawn(function()
-                execute(run, s)
-                finished[#finished + 1] = s
-                if waiting then sched.wake(me) end
-              end)
-            end
+          elseif not stop and not run.interrupted then
+            d.status, d.error = "not-run", "it needs " .. s.id .. ", which did not succeed"
+            run.record(d)
+            settle(d)
           end
+        end
+      end
+    end
+    while true do
+      while not stop and not run.interrupted and running < run.jobs and #ready > 0 do
+        local s = table.remove(ready, 1)
+        if s.status == "pending" then
+          running = running + 1
+          s.status = "running"
+          s.task = sched.spawn(function()
+            execute(run, s)
+            finished[#finished + 1] = s
+            if waiting then sched.wake(me) end
+          end)
         end
       end
       if running == 0 then break end
@@ -499,6 +556,7 @@ function deploy.run(opts)
       local s = table.remove(finished, 1)
       running = running - 1
       if s.status == "failed" and run.fail_fast then stop = true end
+      settle(s)
     end
     for _, s in ipairs(steps) do
       if s.status == "pending" then
@@ -517,7 +575,10 @@ function deploy.run(opts)
       code = 128 + (run.interrupted == "SIGINT" and 2 or 15)
     end
     run.status = status
-    if db then history.finish_run(db, run.run_id, status) end
+    if db then
+      flush_records()
+      history.finish_run(db, run.run_id, status)
+    end
     summary(run, out)
     if run.run_id then
       out:write(string.format("\nrun %d %s\n", run.run_id, status))
