@@ -6,6 +6,28 @@ local function run(code, env)
 end
 
 describe("ops.log", function()
+  it("lets a limited number of lines through per key and window, and counts the rest", function()
+    local r = run([[
+      local log = require "ops.log"
+      local seen = {}
+      for i = 1, 25 do
+        local ok, held = log.allow("bad:" .. (i % 2), 3, 0.2)
+        if ok then seen[#seen + 1] = (i % 2) .. ":" .. held end
+      end
+      ops.sleep(0.25) -- a new window: the next line says how many were held back
+      local ok, held = log.allow("bad:1", 3, 0.2)
+      seen[#seen + 1] = tostring(ok) .. ":" .. held
+      ok, held = log.allow("bad:1", 3, 0.2)
+      seen[#seen + 1] = tostring(ok) .. ":" .. held
+      -- many keys (a flood of distinct ones) do not grow without end
+      for i = 1, 5000 do assert(log.allow("k" .. i, 1, 60)) end
+      print(table.concat(seen, " "))
+    ]])
+    assert.are.equal(0, r.code, r.stderr)
+    -- 3 of each key in the first window; 10 of key 1 held back; then counted from zero
+    assert.are.equal("1:0 0:0 1:0 0:0 1:0 0:0 true:10 true:0\n", r.stdout)
+  end)
+
   it("writes readable lines with level, message and sorted fields to stderr", function()
     local r = run([[ops.log.info("deployed %s", "prod"); ops.log.warn("slow", {step = "helm", secs = 3})]],
       {NO_COLOR = "1"})

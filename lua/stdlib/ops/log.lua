@@ -189,6 +189,38 @@ for name in pairs(COLOURS) do log[name] = logger(name) end
 --- log.enabled(level) -> boolean
 function log.enabled(level) return LEVELS[level] >= state.level end
 
+-- log.allow's windows, by key; bounded, as the keys may come from what a server receives
+local windows, window_count = {}, 0
+local MAX_WINDOWS = 1024
+
+--- log.allow(key, lines, seconds) -> allowed, held : whether a line for `key` may be written
+--- now: at most `lines` per key in each window of `seconds`. `held` is how many lines were
+--- held back since the last one allowed (give it as a field, so the reader knows).
+--- For lines that anyone can cause (a server's answers to bad requests): the log stays
+--- readable and the disk safe, while counters (metrics) still count every one.
+function log.allow(key, lines, seconds)
+  local now = time.monotonic()
+  local w = windows[key]
+  if not w then
+    if window_count >= MAX_WINDOWS then
+      windows, window_count = {}, 0 -- forget old windows rather than grow without end
+    end
+    w = {start = now, count = 0, held = 0}
+    windows[key] = w
+    window_count = window_count + 1
+  elseif now - w.start >= seconds then
+    w.start, w.count = now, 0
+  end
+  if w.count >= lines then
+    w.held = w.held + 1
+    return false, w.held
+  end
+  w.count = w.count + 1
+  local held = w.held
+  w.held = 0
+  return true, held
+end
+
 --- log.with(fields) -> a logger that adds these fields to every line
 function log.with(base)
   local child = {}
