@@ -374,8 +374,9 @@ function deploy.run(opts)
     run.record = function() end
     local flush_records = function() end
     if not run.dry_run then
-      -- the run's record is safe from a crash of opsrun; a power cut may lose its last
-      -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
+      -- the run's record is safe from a crash of opsrun (a step's row lags it by one turn
+      -- of the loop at most); a power cut may lose its last lines (synchronous=NORMAL):
+      -- the deploy itself must not wait on fsync per step
       db = history.open(opts.store, {synchronous = "normal"})
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
