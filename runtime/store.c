@@ -40,6 +40,7 @@ typedef struct {
 typedef struct {
 	sqlite3 *db; /* NULL once closed */
 	char *path;
+	int wal_frames; /* frames in the WAL after the last commit (autocheckpoint = false only) */
 	unsigned long tick;
 	cache_slot cache[STMT_CACHE_SIZE];
 } store_db;
@@ -358,10 +359,20 @@ static void push_row(lua_State *L, sqlite3_stmt *stmt, int ncols)
 
 /* ---- db methods --------------------------------------------------------- */
 
+/* Replaces SQLite's autocheckpoint: counts the WAL's frames for db:wal_frames(). */
+static int wal_count_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+	(void)db;
+	if (strcmp(name, "main") == 0)
+		((store_db *)arg)->wal_frames = frames;
+	return SQLITE_OK;
+}
+
 /* store.open(path [, opts]) -> db | nil, err, code */
 static int store_open(lua_State *L)
 {
 	const char *path = luaL_checkstring(L, 1);
+	int autocheckpoint = 1;
 	lua_Integer busy_ms = DEFAULT_BUSY_TIMEOUT_MS;
 	const char *sync_pragma = "PRAGMA synchronous=FULL";
 	const char *mode;
@@ -386,6 +397,12 @@ static int store_open(lua_State *L)
 				luaL_argerror(L, 2, "synchronous must be \"full\" or \"normal\"");
 		}
 		lua_pop(L, 1);
+		lua_getfield(L, 2, "autocheckpoint");
+		if (!lua_isnil(L, -1)) {
+			luaL_argcheck(L, lua_isboolean(L, -1), 2, "autocheckpoint must be a boolean");
+			autocheckpoint = lua_toboolean(L, -1);
+		}
+		lua_pop(L, 1);
 	}
 
 	d = (store_db *)lua_newuserdatauv(L, sizeof(*d), 0);
@@ -395,7 +412,8 @@ static int store_open(lua_State *L)
 	d->path = strdup(path);
 	if (d->path == NULL)
 		return luaL_error(L, "ops.store: out of memory");
-	rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+	/* NOMUTEX: a connection is only ever used by the loop thread (db:checkpoint opens its own) */
+	rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
 	if (rc != SQLITE_OK)
 		goto fail;
 	sqlite3_extended_result_codes(d->db, 0);
@@ -426,6 +444,8 @@ static int store_open(lua_State *L)
 		rc = sqlite3_exec(d->db, "PRAGMA foreign_keys=ON", NULL, NULL, NULL);
 	if (rc != SQLITE_OK)
 		goto fail;
+	if (!autocheckpoint)
+		sqlite3_wal_hook(d->db, wal_count_hook, d); /* commits no longer checkpoint */
 	return 1;
 
 fail: {
@@ -710,6 +730,109 @@ static int db_sync(lua_State *L)
 	return ops_wait_begin(L, &s->w, -1);
 }
 
+/* db:wal_frames() -> frames in the WAL after this connection's last commit (counted only
+ * for a db opened with autocheckpoint = false; 0 otherwise) */
+static int db_wal_frames(lua_State *L)
+{
+	store_db *d = check_open_db(L, 1);
+	lua_pushinteger(L, d->wal_frames);
+	return 1;
+}
+
+/* A checkpoint in flight on libuv's thread pool, through a connection of its own (opened,
+ * used and closed on the worker thread). If the waiting task goes away first, the
+ * checkpoint still runs to its end. */
+typedef struct {
+	uv_work_t req;
+	ops_wait w;
+	char *path;
+	int rc, log, done;
+	char err[256];
+} wal_checkpoint;
+
+static void checkpoint_cancel(ops_wait *w)
+{
+	(void)w;
+}
+
+static void checkpoint_work(uv_work_t *req)
+{
+	wal_checkpoint *c = req->data;
+	sqlite3 *db = NULL;
+	c->log = c->done = -1;
+	c->rc = sqlite3_open_v2(c->path, &db, SQLITE_OPEN_READWRITE, NULL);
+	/* FULL: the WAL is synced before its frames are copied, the database after */
+	if (c->rc == SQLITE_OK)
+		c->rc = sqlite3_exec(db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
+	if (c->rc == SQLITE_OK)
+		c->rc = sqlite3_wal_checkpoint_v2(db, "main", SQLITE_CHECKPOINT_PASSIVE, &c->log, &c->done);
+	if (c->rc != SQLITE_OK)
+		snprintf(c->err, sizeof c->err, "%s", db ? sqlite3_errmsg(db) : sqlite3_errstr(c->rc));
+	sqlite3_close_v2(db);
+}
+
+static void checkpoint_done(uv_work_t *req, int status)
+{
+	wal_checkpoint *c = req->data;
+	lua_State *co = ops_wait_thread(&c->w);
+	if (co != NULL) {
+		lua_checkstack(co, 3);
+		if (status < 0) {
+			lua_pushnil(co);
+			lua_pushfstring(co, "%s: cannot checkpoint the store: %s", uv_err_name(status), uv_strerror(status));
+			lua_pushstring(co, uv_err_name(status));
+			ops_wait_complete(&c->w, 3);
+		} else if (c->rc != SQLITE_OK) {
+			const char *code = primary_code_name(c->rc);
+			lua_pushnil(co);
+			lua_pushfstring(co, "%s: cannot checkpoint %s: %s", code, c->path, c->err);
+			lua_pushstring(co, code);
+			ops_wait_complete(&c->w, 3);
+		} else {
+			lua_pushinteger(co, c->log);
+			lua_pushinteger(co, c->done);
+			ops_wait_complete(&c->w, 2);
+		}
+	}
+	free(c->path);
+	free(c);
+}
+
+/* db:checkpoint() -> wal_frames, checkpointed_frames | nil, err, code
+ * A PASSIVE checkpoint (copies what it can of the WAL into the database, waits for no one)
+ * run on libuv's thread pool, so the loop goes on meanwhile. Meant for a db opened with
+ * autocheckpoint = false, whose commits no longer checkpoint by themselves. */
+static int db_checkpoint(lua_State *L)
+{
+	store_db *d = check_open_db(L, 1);
+	const char *file = sqlite3_db_filename(d->db, "main");
+	wal_checkpoint *c;
+	int rc;
+	ops_check_task(L, "db:checkpoint");
+	if (file == NULL || *file == '\0') { /* in memory: no WAL */
+		lua_pushinteger(L, 0);
+		lua_pushinteger(L, 0);
+		return 2;
+	}
+	c = calloc(1, sizeof *c);
+	if (c == NULL || (c->path = strdup(file)) == NULL) {
+		free(c);
+		return luaL_error(L, "out of memory");
+	}
+	c->req.data = c;
+	c->w.cancel = checkpoint_cancel;
+	rc = uv_queue_work(ops_loop(), &c->req, checkpoint_work, checkpoint_done);
+	if (rc < 0) {
+		free(c->path);
+		free(c);
+		lua_pushnil(L);
+		lua_pushfstring(L, "%s: cannot checkpoint the store: %s", uv_err_name(rc), uv_strerror(rc));
+		lua_pushstring(L, uv_err_name(rc));
+		return 3;
+	}
+	return ops_wait_begin(L, &c->w, -1);
+}
+
 /* store.now() -> wall-clock seconds since the epoch, as a float */
 static int store_now(lua_State *L)
 {
@@ -726,6 +849,8 @@ static const luaL_Reg db_methods[] = {
 	{"exec_script", db_exec_script},
 	{"in_transaction", db_in_transaction},
 	{"sync", db_sync},
+	{"checkpoint", db_checkpoint},
+	{"wal_frames", db_wal_frames},
 	{"close", db_close},
 	{NULL, NULL},
 };
@@ -752,6 +877,9 @@ static const luaL_Reg store_funcs[] = {
 
 int luaopen_ops_core_store(lua_State *L)
 {
+	/* No global memory statistics: with them every SQLite malloc and free takes a global
+	 * mutex. Refused (harmlessly) if SQLite was already initialized. */
+	sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
 	luaL_newmetatable(L, DB_MT);
 	luaL_setfuncs(L, db_meta, 0);
 	luaL_newlib(L, db_methods);

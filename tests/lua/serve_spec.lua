@@ -121,6 +121,40 @@ hooks:
       end
     end)
 
+    it("logs one line per stored batch at info, none per delivery (that one is at debug)", function()
+      local f = "github/goplayground-push.json"
+      assert.equal(202, (H.github(srv.hook("gh"), SECRET, fixture(f), "log-line-1")))
+      local id = H.query(srv.store, "SELECT id FROM ops_queue WHERE key = 'gh:log-line-1'")[1].id
+      -- the batch line names the hooks and the queue ids; it is written after the flush
+      H.wait("the batch line", function()
+        for l in srv.log():gmatch("[^\n]+") do
+          if l:find("INFO", 1, true) and l:find("deliver[%a]* queued") and l:find("hooks=gh", 1, true)
+            and (l:find("ids=" .. id .. "$") or l:find("%-" .. id .. "$")) then return true end
+        end
+      end)
+      assert.is_nil(srv.log():find("INFO  delivery queued", 1, true), "a per-delivery line at info")
+      assert.is_nil(srv.log():find("log-line-1", 1, true), "the delivery id in an info line")
+    end)
+
+    it("stores the payload flat_json would write, built without a table per delivery", function()
+      local serve = require "ops.serve"
+      local keys = {"hook", "delivery", "ref", "before", "after", "created", "deleted", "forced", "received"}
+      local a = string.rep("a", 40)
+      for _, push in ipairs({
+        {delivery = "d-1", ref = "refs/heads/main", before = ZERO, after = a, created = true, deleted = false, forced = false},
+        {delivery = 'q"uo\\te', ref = 'refs/heads/we"ird', before = a, after = ZERO, created = false, deleted = true, forced = true},
+        {delivery = "x", ref = "refs/heads/m", before = a, after = a}, -- no flags at all
+      }) do
+        for _, t in ipairs({1763948000.1234567, 12}) do
+          local want = {hook = "h-1", received = t}
+          for k, v in pairs(push) do want[k] = v end
+          local got = serve.push_payload("h-1", push, t)
+          assert.equal(serve.flat_json(want, keys), got)
+          assert.same(want, json.decode(got))
+        end
+      end
+    end)
+
     it("ignores, with 202 and a reason, a tag push, a push to another branch and an event it does not handle", function()
       local status, ans = H.github(srv.hook("gh"), SECRET, fixture("github/octokit-push-payload.json"), "tag-1")
       assert.equal(202, status)
@@ -481,6 +515,122 @@ hooks:
       local b = runs["b:b1"]
       assert.is_true(b.start < a[1]["end"] and a[1].start < b["end"], "targets a and b did not deploy at once")
       h.rmtree(dir)
+    end)
+  end)
+
+  describe("the workers' bookkeeping", function()
+    it("completes a group in one statement, and logs each delivery whose lease was lost meanwhile", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format("hooks:\n  ops: {repo: %s, branch: main, secret_env: HOOK_SECRET}\n", repo),
+        recording_env(dir, {SERVE_SLEEP = "1.5", OPSRUN_LOG_LEVEL = "debug"}))
+      local body = H.push_body("refs/heads/main", c0, c1)
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "first")))
+      H.wait("first to start", function() return calls(dir, "WHERE delivery = 'first'")[1] end)
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "kept")))
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "stolen")))
+      H.wait("the group to start", function() return calls(dir, "WHERE delivery = 'stolen'")[1] end, 30)
+      assert.equal("kept,stolen", calls(dir, "WHERE delivery = 'stolen'")[1].batch)
+      -- meanwhile another process takes 'stolen', as it would once the lease ran out
+      local stolen = H.query(srv.store, "SELECT id FROM ops_queue WHERE key = 'ops:stolen'")[1].id
+      do
+        local db <close> = assert(require("ops.store").open(srv.store))
+        assert.equal(1, db:exec("UPDATE ops_queue SET worker = 'elsewhere:1:0:ops' WHERE id = ?", stolen))
+      end
+      assert.equal("succeeded", H.outcome(srv.store, "kept", 30).status)
+      local lost = H.wait("the lost lease in the log", function()
+        for l in srv.log():gmatch("[^\n]+") do
+          if l:find("lease was lost before it was marked done", 1, true) then return l end
+        end
+      end)
+      assert.matches("id=" .. stolen .. "$", lost)
+      local row = H.query(srv.store, "SELECT state, worker FROM ops_queue WHERE id = ?", stolen)[1]
+      assert.same({state = "leased", worker = "elsewhere:1:0:ops"}, row)
+      assert.is_nil(H.query(srv.store, "SELECT * FROM serve_outcomes WHERE delivery = 'stolen'")[1])
+      assert.equal("done", H.query(srv.store, "SELECT state FROM ops_queue WHERE key = 'ops:kept'")[1].state)
+      -- at debug level, each delivery has its own line
+      assert.matches("delivery queued  .*delivery=kept", srv.log())
+      srv.stop()
+      h.rmtree(dir)
+    end)
+  end)
+
+  describe("a flood of bad deliveries", function()
+    it("is logged a few lines per hook and window, says how many it held back, and is counted whole", function()
+      local dir = h.tmpdir()
+      local srv = H.server(dir, string.format([[
+log_limit: 3
+log_window: 1
+hooks:
+  gh: {provider: github, repo: %s/nothing.git, branch: master, secret_env: HOOK_SECRET}
+]], dir), {HOOK_SECRET = SECRET})
+      local ok, err = pcall(function()
+        local function lines(pattern)
+          local n = 0
+          for _ in srv.log():gmatch(pattern) do n = n + 1 end
+          return n
+        end
+        for i = 1, 8 do
+          assert.equal(401, (H.post(srv.hook("gh"), "{}", {["X-GitHub-Event"] = "push", ["X-GitHub-Delivery"] = "u" .. i})))
+        end
+        for i = 1, 6 do -- a different name each time: still one window
+          assert.equal(404, (H.post(srv.hook("nope-" .. i .. string.rep("x", 100)), "{}", {})))
+        end
+        -- the metrics count every one
+        assert.equal(8, H.metric(srv, 'opsrun_deliveries_total{outcome="rejected"}'))
+        assert.equal(6, H.metric(srv, 'opsrun_deliveries_total{outcome="unknown_hook"}'))
+        assert.equal(3, lines("rejected a delivery"))
+        assert.equal(3, lines("a delivery for a hook that is not configured"))
+        assert.is_nil(srv.log():find(string.rep("x", 65), 1, true), "a long unknown name is shortened in the log")
+        -- a new window: the first line says how many were held back
+        ops.sleep(1.1)
+        assert.equal(401, (H.post(srv.hook("gh"), "{}", {["X-GitHub-Event"] = "push", ["X-GitHub-Delivery"] = "u9"})))
+        H.wait("the next line", function() return lines("rejected a delivery") == 4 end)
+        assert.matches("rejected a delivery[^\n]*suppressed=5", srv.log())
+        -- signed deliveries are never held back
+        assert.equal(200, (H.github(srv.hook("gh"), SECRET, fixture("github/octokit-ping-payload.json"), "ping-flood", "ping")))
+      end)
+      srv.stop()
+      h.rmtree(dir)
+      assert(ok, err)
+    end)
+  end)
+
+  describe("the store's WAL", function()
+    it("is checkpointed by the delivery writer, on the thread pool, so it stays small", function()
+      local serve = require "ops.serve"
+      local config = require "ops.serve.config"
+      local log = require "ops.log"
+      local dir = h.tmpdir()
+      local repo, c0 = small_repo(dir)
+      h.write(dir .. "/secret", SECRET .. "\n")
+      h.write(dir .. "/serve.yaml", string.format(
+        "listen: 127.0.0.1:0\nstore: %s/state/opsrun.db\nhooks:\n  ops: {repo: %s, branch: main, secret_file: %s/secret}\n",
+        dir, repo, dir))
+      local saved, quiet = serve.CHECKPOINT_FRAMES, log.enabled("info")
+      serve.CHECKPOINT_FRAMES = 20
+      log.set_level("warn")
+      local ok, err = pcall(function()
+        local ctx = serve.start(config.load(dir .. "/serve.yaml"))
+        local url = "http://" .. ctx.server.address .. "/hooks/ops"
+        local body = H.push_body("refs/heads/main", c0, c0)
+        local most, counted = 0, 0
+        for i = 1, 40 do
+          assert.equal(202, (H.github(url, SECRET, body, "wal-" .. i)))
+          local frames = ctx.db:wal_frames()
+          if frames > 0 then counted = counted + 1 end
+          most = math.max(most, frames)
+        end
+        H.wait("the workers", function() return H.queue_counts(ctx.settings.store).done == 40 end)
+        serve.stop(ctx)
+        -- each delivery writes about ten pages (queue, claim, outcome): 400 frames without a checkpoint
+        assert.is_true(counted > 0, "the WAL's frames were not counted")
+        assert.is_true(most < 100, "the WAL grew to " .. most .. " frames")
+      end)
+      serve.CHECKPOINT_FRAMES = saved
+      if quiet then log.set_level("info") end
+      h.rmtree(dir)
+      assert(ok, err)
     end)
   end)
 

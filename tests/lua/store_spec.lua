@@ -608,6 +608,88 @@ describe("ops.store", function()
       assert.same({ ready = 0, leased = 0, done = 0, dead = 0 }, q:stats())
     end)
 
+    describe("in sets", function()
+      it("enqueue_many queues each entry, and reports a key already stored or repeated in the set as a duplicate", function()
+        local old = q:enqueue("k", "old", { key = "a" })
+        local batch = {
+          { kind = "k", payload = "1", key = "a" },
+          { kind = "k", payload = "2", key = "b" },
+          { kind = "j", payload = "3" },
+          { kind = "k", payload = "4", key = "b" },
+        }
+        assert.equal(4, q:enqueue_many(batch))
+        assert.same({ old, "duplicate" }, { batch[1].id, batch[1].outcome })
+        assert.equal("queued", batch[2].outcome)
+        assert.equal("queued", batch[3].outcome)
+        assert.same({ batch[2].id, "duplicate" }, { batch[4].id, batch[4].outcome })
+        assert.same({ "k", "2", "ready" }, { q:get(batch[2].id).kind, q:get(batch[2].id).payload, q:get(batch[2].id).state })
+        assert.equal("j", q:get(batch[3].id).kind)
+        assert.equal(3, q:stats().ready)
+      end)
+
+      it("enqueue_many stores all of a set or none of it", function()
+        assert(db:exec_script([[CREATE TRIGGER refuse BEFORE INSERT ON ops_queue WHEN NEW.payload = 'boom'
+          BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END]]))
+        local batch = { { kind = "k", payload = "fine", key = "x" }, { kind = "k", payload = "boom", key = "y" } }
+        local n, err, code = q:enqueue_many(batch)
+        assert.is_nil(n)
+        assert.matches("refused by a trigger", err)
+        assert.equal("SQLITE_CONSTRAINT", code)
+        assert.equal(0, q:stats().ready)
+        assert.has_error(function() q:enqueue_many({ { kind = "k", payload = {} } }) end)
+        assert.has_error(function() q:enqueue_many({ { kind = "k", payload = "p", key = 1 } }) end)
+      end)
+
+      it("claim_many leases up to limit due items of the kinds, oldest first, in one go, in id order", function()
+        local late = q:enqueue("k", "late", { delay = 5 })
+        local a = q:enqueue("k", "a")
+        q:enqueue("other", "o")
+        local b = q:enqueue("k", "b")
+        local c = q:enqueue("k", "c")
+        local items = q:claim_many("w", 30, { "k" }, 2)
+        assert.same({ a, b }, { items[1].id, items[2].id })
+        assert.same({ "k", "a", 1, 1030.0 }, { items[1].kind, items[1].payload, items[1].attempts, items[1].lease_until })
+        assert.equal("w", q:get(a).worker)
+        items = q:claim_many("w", 30, { "k" }, 10)
+        assert.same({ c }, { items[1].id, items[2] and items[2].id })
+        assert.same({}, q:claim_many("w", 30, { "k" }, 10))
+        now = now + 5
+        assert.equal(late, q:claim_many("w", 30, { "k" }, 10)[1].id)
+        assert.equal(1, #q:claim_many("w", 30, nil, 10)) -- the other kind
+        assert.has_error(function() q:claim_many("w", 30, { "k" }, 0) end)
+        assert.has_error(function() q:claim_many("w", 30, {}, 1) end)
+      end)
+
+      it("claim_many re-claims expired leases and dead-letters an item whose last allowed lease expired", function()
+        local id = q:enqueue("k", "p")
+        for attempt = 1, 3 do
+          local items = q:claim_many("w", 10, nil, 5)
+          assert.same({ id, attempt }, { items[1].id, items[1].attempts })
+          now = now + 11
+        end
+        assert.same({}, q:claim_many("w", 10, nil, 5))
+        assert.equal("dead", q:get(id).state)
+      end)
+
+      it("complete_many marks done what the worker still holds and reports the leases it lost", function()
+        local a, b, c = q:enqueue("k", "a"), q:enqueue("k", "b"), q:enqueue("k", "c")
+        assert.equal(3, #q:claim_many("w1", 10, nil, 10))
+        now = now + 11 -- the leases run out: another worker takes a and b, and hands a back
+        assert.equal(a, q:claim("w2", 10).id)
+        assert.equal(b, q:claim("w2", 10).id)
+        assert.same({ "ready" }, { (q:fail(a, "w2", "handed back")) })
+        local done, lost = q:complete_many({ a, b, c }, "w1")
+        assert.same({ { c }, { a, b } }, { done, lost })
+        assert.same({ "ready", "leased", "done" }, { q:get(a).state, q:get(b).state, q:get(c).state })
+        assert.equal("w2", q:get(b).worker)
+        assert.same({ { b }, {} }, { q:complete_many({ b }, "w2") })
+        assert.same({ {}, { b } }, { q:complete_many({ b }, "w2") }) -- done already: not held any more
+        assert.same({ {}, {} }, { q:complete_many({}, "w2") })
+        assert.has_error(function() q:complete_many({ "1" }, "w2") end)
+        assert.has_error(function() q:complete_many({ 1.5 }, "w2") end)
+      end)
+    end)
+
     it("survives reopening the database", function()
       local path = dir .. "/s.db"
       local id = q:enqueue("k", "p", { key = "persist" })
@@ -746,6 +828,74 @@ describe("db:sync", function()
   it("has nothing to flush for a database in memory", function()
     local db = assert(store.open(":memory:"))
     assert.is_true(db:sync())
+    db:close()
+  end)
+end)
+
+describe("db:checkpoint and autocheckpoint = false", function()
+  local store = require "ops.store"
+  local path
+  before_each(function()
+    path = os.tmpname()
+    os.remove(path)
+  end)
+  after_each(function()
+    for _, suffix in ipairs({"", "-wal", "-shm"}) do os.remove(path .. suffix) end
+  end)
+
+  it("lets the WAL grow past SQLite's autocheckpoint, counts its frames, and checkpoints it on the thread pool", function()
+    local db = assert(store.open(path, {synchronous = "normal", autocheckpoint = false}))
+    assert(db:exec("CREATE TABLE t (x)"))
+    local blob = string.rep("x", 3000) -- about a page per row
+    for i = 1, 1200 do assert(db:exec("INSERT INTO t VALUES (?)", blob .. i)) end
+    local frames = db:wal_frames()
+    assert.is_true(frames > 1200, "SQLite checkpointed by itself: " .. frames .. " frames")
+    local wal, done = db:checkpoint()
+    assert.equal(frames, wal)
+    assert.equal(wal, done)
+    -- everything is in the database now: the next commit starts the WAL again
+    assert(db:exec("INSERT INTO t VALUES (1)"))
+    assert.is_true(db:wal_frames() < 10, "the WAL did not start again: " .. db:wal_frames())
+    local other = assert(store.open(path))
+    assert.equal(1201, other:query("SELECT count(*) AS n FROM t")[1].n)
+    other:close()
+    db:close()
+  end)
+
+  it("checkpoints what no reader still needs, and says how far it got", function()
+    local db = assert(store.open(path, {autocheckpoint = false}))
+    assert(db:exec("CREATE TABLE t (x)"))
+    assert(db:exec("INSERT INTO t VALUES (1)"))
+    local reader = assert(store.open(path))
+    assert(reader:exec("BEGIN"))
+    assert.equal(1, reader:query("SELECT count(*) AS n FROM t")[1].n) -- holds its snapshot
+    for i = 2, 20 do assert(db:exec("INSERT INTO t VALUES (?)", i)) end
+    local wal, done = db:checkpoint()
+    assert.is_true(done < wal, done .. " of " .. wal)
+    assert(reader:exec("COMMIT"))
+    wal, done = db:checkpoint()
+    assert.equal(wal, done)
+    reader:close()
+    db:close()
+  end)
+
+  it("keeps SQLite's autocheckpoint by default (wal_frames is not counted then)", function()
+    local db = assert(store.open(path))
+    assert(db:exec("CREATE TABLE t (x)"))
+    local blob = string.rep("x", 3000)
+    for i = 1, 1200 do assert(db:exec("INSERT INTO t VALUES (?)", blob .. i)) end
+    assert.equal(0, db:wal_frames())
+    db:close()
+    assert.has_error(function() store.open(path, {autocheckpoint = "no"}) end)
+  end)
+
+  it("has nothing to checkpoint in memory, and refuses to run outside a task", function()
+    local db = assert(store.open(":memory:"))
+    assert.same({0, 0}, {db:checkpoint()})
+    local co = coroutine.create(function() return db:checkpoint() end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.matches("must be called from a task", err)
     db:close()
   end)
 

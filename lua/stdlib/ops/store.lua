@@ -277,38 +277,102 @@ function Queue:enqueue(kind, payload, opts)
   return rows[1].id, "duplicate"
 end
 
+-- q:enqueue_many(entries) -> count | nil, err, code
+-- entries: an array of {kind =, payload =, key =}; sets each entry's id and outcome
+-- ("queued" or "duplicate"), as enqueue would. All or nothing: one transaction (a savepoint
+-- inside the caller's), one INSERT per entry, and a SELECT only for a duplicate key.
+local ENQUEUE_SQL = "INSERT INTO ops_queue (queue, kind, payload, key, state, available_at, created_at, updated_at) "
+  .. "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) ON CONFLICT DO NOTHING"
+function Queue:enqueue_many(entries)
+  if type(entries) ~= "table" then error("ops.store: enqueue_many: entries must be an array", 2) end
+  for i = 1, #entries do
+    local e = entries[i]
+    if type(e) ~= "table" or type(e.kind) ~= "string" or type(e.payload) ~= "string"
+      or (e.key ~= nil and type(e.key) ~= "string") then
+      error("ops.store: enqueue_many: entry " .. i .. " needs a string kind and payload (and a string key or none)", 2)
+    end
+  end
+  local name = self.name
+  return atomically(self.db, function(db)
+    local now = self.now()
+    for i = 1, #entries do
+      local e = entries[i]
+      local changes, id = c_exec(db, ENQUEUE_SQL, name, e.kind, e.payload, e.key, now, now, now)
+      if changes == nil then error(id, 0) end
+      if changes == 1 then
+        e.id, e.outcome = id, "queued"
+      else
+        local row = must(c_query(db, "SELECT id FROM ops_queue WHERE queue = ? AND key = ?", name, e.key))[1]
+        if not row then error("SQLITE_CONSTRAINT: enqueue was refused by the database", 0) end
+        e.id, e.outcome = row.id, "duplicate"
+      end
+    end
+    return #entries
+  end)
+end
+
+local function claim_args(where, worker, lease_seconds, kinds)
+  if type(worker) ~= "string" then error("ops.store: " .. where .. ": worker must be a string", 3) end
+  if type(lease_seconds) ~= "number" or lease_seconds <= 0 then
+    error("ops.store: " .. where .. ": lease_seconds must be a positive number", 3)
+  end
+  if kinds == nil then return "", {} end
+  if type(kinds) ~= "table" or #kinds == 0 then
+    error("ops.store: " .. where .. ": kinds must be a non-empty array of strings", 3)
+  end
+  -- Only placeholders are generated; the kinds themselves are bound.
+  return " AND kind IN (" .. string.rep("?", #kinds, ", ") .. ")", kinds
+end
+
+-- A lease that expired after the last allowed attempt dead-letters the item instead of
+-- handing a poison item out forever.
+local function dead_letter_expired(q, db, now)
+  must(c_exec(db, "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
+    .. "last_error = 'lease expired after the last attempt' "
+    .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?",
+    now, q.name, now, q.max_attempts))
+end
+
 -- q:claim(worker, lease_seconds [, kinds]) -> item | nil (empty) | nil, err, code
 function Queue:claim(worker, lease_seconds, kinds)
-  if type(worker) ~= "string" then error("ops.store: claim: worker must be a string", 2) end
-  if type(lease_seconds) ~= "number" or lease_seconds <= 0 then
-    error("ops.store: claim: lease_seconds must be a positive number", 2)
-  end
-  local filter, params = "", { self.name }
-  if kinds ~= nil then
-    if type(kinds) ~= "table" or #kinds == 0 then
-      error("ops.store: claim: kinds must be a non-empty array of strings", 2)
-    end
-    -- Only placeholders are generated; the kinds themselves are bound.
-    filter = " AND kind IN (" .. string.rep("?", #kinds, ", ") .. ")"
-    for i = 1, #kinds do params[#params + 1] = kinds[i] end
-  end
+  local filter, kind_params = claim_args("claim", worker, lease_seconds, kinds)
   local select_sql = "SELECT id FROM ops_queue WHERE queue = ? AND available_at <= ?" .. filter
     .. " ORDER BY available_at, id LIMIT 1"
   return atomically(self.db, function(db)
     local now = self.now()
-    -- A lease that expired after the last allowed attempt dead-letters the item
-    -- instead of handing a poison item out forever.
-    must(c_exec(db, "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
-      .. "last_error = 'lease expired after the last attempt' "
-      .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?",
-      now, self.name, now, self.max_attempts))
-    local row = must(c_query(db, select_sql, params[1], now, unpack(params, 2)))[1]
+    dead_letter_expired(self, db, now)
+    local row = must(c_query(db, select_sql, self.name, now, unpack(kind_params)))[1]
     if not row then return nil end
     local item = must(c_query(db, "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
       .. "attempts = attempts + 1, updated_at = ? WHERE id = ? "
       .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until",
       worker, now + lease_seconds, now, row.id))[1]
     return item
+  end)
+end
+
+-- q:claim_many(worker, lease_seconds, kinds, limit) -> { item, ... } | nil, err, code
+-- Up to limit items, chosen as claim would choose them one by one (oldest available
+-- first), leased in one statement; returned in id order. An empty table when none is due.
+-- kinds may be nil (every kind).
+function Queue:claim_many(worker, lease_seconds, kinds, limit)
+  local filter, kind_params = claim_args("claim_many", worker, lease_seconds, kinds)
+  if math.type(limit) ~= "integer" or limit <= 0 then
+    error("ops.store: claim_many: limit must be a positive integer", 2)
+  end
+  local sql = "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
+    .. "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM ops_queue "
+    .. "WHERE queue = ? AND available_at <= ?" .. filter .. " ORDER BY available_at, id LIMIT ?) "
+    .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until"
+  return atomically(self.db, function(db)
+    local now = self.now()
+    dead_letter_expired(self, db, now)
+    local params = { worker, now + lease_seconds, now, self.name, now }
+    for i = 1, #kind_params do params[#params + 1] = kind_params[i] end
+    params[#params + 1] = limit
+    local items = must(c_query(db, sql, unpack(params)))
+    table.sort(items, function(a, b) return a.id < b.id end)
+    return items
   end)
 end
 
@@ -321,6 +385,36 @@ function Queue:complete(id, worker)
   if changes == nil then return nil, err, code end
   if changes == 0 then return false, "lease lost" end
   return true
+end
+
+-- q:complete_many(ids, worker) -> done, lost | nil, err, code
+-- Marks done, in one statement, every item of ids that worker still holds. done: the ids
+-- completed, lost: those whose lease was lost (each id is in one of them), both in the
+-- order of ids.
+function Queue:complete_many(ids, worker)
+  if type(ids) ~= "table" then error("ops.store: complete_many: ids must be an array of integers", 2) end
+  if type(worker) ~= "string" then error("ops.store: complete_many: worker must be a string", 2) end
+  for i = 1, #ids do
+    if math.type(ids[i]) ~= "integer" then
+      error("ops.store: complete_many: ids must be an array of integers", 2)
+    end
+  end
+  if #ids == 0 then return {}, {} end
+  -- the ids go in as one JSON array of integers (checked above), read by json_each
+  local rows, err, code = self.db:query(
+    "UPDATE ops_queue SET state = 'done', available_at = NULL, updated_at = ? "
+      .. "WHERE id IN (SELECT value FROM json_each(?)) AND queue = ? AND state = 'leased' AND worker = ? "
+      .. "RETURNING id",
+    self.now(), "[" .. table.concat(ids, ",") .. "]", self.name, worker)
+  if not rows then return nil, err, code end
+  local got = {}
+  for i = 1, #rows do got[rows[i].id] = true end
+  local done, lost = {}, {}
+  for i = 1, #ids do
+    local id = ids[i]
+    if got[id] then done[#done + 1] = id else lost[#lost + 1] = id end
+  end
+  return done, lost
 end
 
 -- q:extend(id, worker, lease_seconds) -> lease_until | false, "lease lost" | nil, err, code

@@ -8,6 +8,8 @@
 --   lease: 60                         # seconds a worker's claim lasts without renewal
 --   max_body: 26214400                # largest delivery, in bytes (413 above)
 --   keep_days: 30                     # done deliveries kept (their ids de-duplicate)
+--   log_limit: 10                     # lines per hook and kind about bad deliveries ...
+--   log_window: 60                    # ... in each window of this many seconds (0: no limit)
 --   notify: {command: [...], url_env: NOTIFY_URL}
 --   hooks:
 --     ops:                            # POST /hooks/ops
@@ -31,7 +33,8 @@ local history = require "ops.deploy.history"
 
 local config = {}
 
-config.KEYS = {"listen", "store", "mirrors", "jobs", "drain", "lease", "max_body", "keep_days", "notify", "hooks"}
+config.KEYS = {"listen", "store", "mirrors", "jobs", "drain", "lease", "max_body", "keep_days", "log_limit",
+  "log_window", "notify", "hooks"}
 config.HOOK_KEYS = {"provider", "repo", "branch", "secret_env", "secret_file", "mode", "environments",
   "jobs", "deploy", "plans"}
 config.MODES = {environments = true, plans = true}
@@ -119,6 +122,8 @@ function config.check(raw, file, opts)
     lease = number(file, "lease", raw.lease, 60, 5),
     max_body = number(file, "max_body", raw.max_body, 25 * 1024 * 1024, 1024, true),
     keep_days = number(file, "keep_days", raw.keep_days, 30, 0),
+    log_limit = number(file, "log_limit", raw.log_limit, 10, 0, true),
+    log_window = number(file, "log_window", raw.log_window, 60, 0),
     hooks = {},
     file = file,
   }

@@ -148,7 +148,14 @@ local function flat_json(t, keys)
 end
 serve.flat_json = flat_json
 
+-- A JSON string: the common case (nothing to escape) costs one find.
+local function json_string(v)
+  if v:find('[%c"\\]') then v = v:gsub('[%c"\\]', escape) end
+  return '"' .. v .. '"'
+end
+
 local ANSWER_KEYS = {"status", "delivery", "id", "reason", "error"}
+local JSON_HEADERS = {["content-type"] = "application/json"} -- shared: read by the server, never changed
 
 local function answer(status, tbl, headers)
   headers = headers or {}
@@ -178,7 +185,35 @@ function serve.health(ctx)
     workers = workers, stopping = ctx.stopping or nil}
 end
 
-local PAYLOAD_KEYS = {"hook", "delivery", "ref", "before", "after", "created", "deleted", "forced", "received"}
+-- The stored payload of a push: the same text flat_json(t, {"hook", "delivery", "ref",
+-- "before", "after", "created", "deleted", "forced", "received"}) gives, built in one
+-- concatenation (this runs for every delivery).
+local function bool(k, v)
+  if v == nil then return "" end
+  return v and ',"' .. k .. '":true' or ',"' .. k .. '":false'
+end
+local function push_payload(name, push, received)
+  return '{"hook":' .. json_string(name) .. ',"delivery":' .. json_string(push.delivery)
+    .. ',"ref":' .. json_string(push.ref) .. ',"before":' .. json_string(push.before)
+    .. ',"after":' .. json_string(push.after) .. bool("created", push.created) .. bool("deleted", push.deleted)
+    .. bool("forced", push.forced) .. ',"received":'
+    .. (math.type(received) == "float" and string.format("%.17g", received) or tostring(received)) .. "}"
+end
+serve.push_payload = push_payload
+
+-- A warning anyone can cause, with no secret (an unsigned or malformed delivery, a hook
+-- that does not exist): at most settings.log_limit lines per kind and hook in each window
+-- of settings.log_window seconds, so that a flood can neither fill the disk nor bury the
+-- log; the next line let through says how many were held back. /metrics counts them all.
+local function limited_warn(ctx, kind, hook, msg, fields)
+  local lines, window = ctx.settings.log_limit, ctx.settings.log_window
+  if lines and window and window > 0 then
+    local ok, held = log.allow("serve:" .. kind .. ":" .. hook, lines, window)
+    if not ok then return end
+    if held > 0 then fields.suppressed = held end
+  end
+  log.warn(msg, fields)
+end
 
 --- serve.handle(ctx, req) -> status, headers, body
 function serve.handle(ctx, req)
@@ -196,7 +231,9 @@ function serve.handle(ctx, req)
   local hook = ctx.settings.hooks[name]
   if not hook then
     ctx.metrics.delivery("unknown_hook")
-    log.warn("a delivery for a hook that is not configured", {hook = name, remote = req.remote})
+    -- the name is whoever's choice: one window for all of them, and only its start shown
+    limited_warn(ctx, "unknown", "", "a delivery for a hook that is not configured",
+      {hook = #name > 64 and (name:sub(1, 64) .. "...") or name, remote = req.remote})
     return answer(404, {error = "no hook named " .. name})
   end
   if req.method ~= "POST" then return answer(405, {error = "use POST"}, {allow = "POST"}) end
@@ -209,10 +246,11 @@ function serve.handle(ctx, req)
     -- never the body: an unverified body is whatever anyone sent
     if status == 401 then
       ctx.metrics.delivery("rejected")
-      log.warn("rejected a delivery: " .. reason, {hook = name, remote = req.remote, bytes = #req.body})
+      limited_warn(ctx, "rejected", name, "rejected a delivery: " .. reason,
+        {hook = name, remote = req.remote, bytes = #req.body})
     elseif status == 400 then
       ctx.metrics.delivery("malformed")
-      log.warn("malformed delivery: " .. reason, {hook = name, remote = req.remote})
+      limited_warn(ctx, "malformed", name, "malformed delivery: " .. reason, {hook = name, remote = req.remote})
     else
       ctx.metrics.delivery(status == 200 and "ping" or "ignored")
       log.info("delivery not deployed: " .. reason, {hook = name})
@@ -225,11 +263,8 @@ function serve.handle(ctx, req)
     log.info("delivery ignored: " .. why, {hook = name, delivery = push.delivery})
     return answer(202, {status = "ignored", reason = why, delivery = push.delivery})
   end
-  local payload = flat_json({
-    hook = name, delivery = push.delivery, ref = push.ref, before = push.before, after = push.after,
-    created = push.created, deleted = push.deleted, forced = push.forced, received = time.now(),
-  }, PAYLOAD_KEYS)
-  local id, outcome = ctx.store_delivery("push:" .. name, payload, name .. ":" .. push.delivery)
+  local id, outcome = ctx.store_delivery("push:" .. name, push_payload(name, push, time.now()),
+    name .. ":" .. push.delivery, name)
   if not id then
     ctx.metrics.delivery("store_error")
     log.error("cannot store a delivery: " .. tostring(outcome), {hook = name, delivery = push.delivery})
@@ -237,12 +272,42 @@ function serve.handle(ctx, req)
   end
   ctx.metrics.delivery(outcome)
   if outcome == "queued" then
-    log.info("delivery queued", {hook = name, delivery = push.delivery, after = push.after:sub(1, 12)})
+    -- one line per delivery at debug; the writer logs one line per batch at info
+    if log.enabled("debug") then
+      log.debug("delivery queued", {hook = name, delivery = push.delivery, id = id, after = push.after:sub(1, 12)})
+    end
     ctx.wake(name)
   else
-    log.info("delivery already received: not run again", {hook = name, delivery = push.delivery})
+    log.info("delivery already received: not run again", {hook = name, delivery = push.delivery, id = id})
   end
-  return answer(202, {status = outcome, delivery = push.delivery, id = id})
+  -- the answer flat_json would give, without a table per request
+  return 202, JSON_HEADERS, '{"status":"' .. outcome .. '","delivery":' .. json_string(push.delivery)
+    .. ',"id":' .. id .. "}\n"
+end
+
+-- The store is opened with autocheckpoint = false: a commit on the loop never copies the
+-- WAL into the database (and fsyncs both) on its own. The writer does it when the WAL has
+-- grown by CHECKPOINT_FRAMES pages, on the thread pool (db:checkpoint), holding the db's
+-- lock so that no transaction of this process writes meanwhile: the checkpoint then covers
+-- the whole WAL, and the next commit starts it again from its beginning.
+serve.CHECKPOINT_FRAMES = 1000
+local function checkpointer(ctx)
+  local at, last = serve.CHECKPOINT_FRAMES, 0
+  return function()
+    local frames = ctx.db:wal_frames()
+    if frames < last then at = serve.CHECKPOINT_FRAMES end -- the WAL started again
+    last = frames
+    if frames < at then return end
+    at = frames + serve.CHECKPOINT_FRAMES -- if this one cannot cover it all, not again at once
+    ctx.db:_lock()
+    local unlock <close> = setmetatable({}, {__close = function() ctx.db:_unlock() end})
+    local wal, done = ctx.db:checkpoint()
+    if not wal then
+      log.warn("cannot checkpoint the store: " .. tostring(done))
+    elseif done < wal then
+      log.debug("checkpoint: " .. done .. " of " .. wal .. " WAL frames (a reader holds the rest)")
+    end
+  end
 end
 
 -- Group commit: handlers hand their delivery to one writer task, which commits whatever
@@ -251,13 +316,11 @@ end
 -- wakes each handler with its id. A handler answers only after that flush.
 local function delivery_writer(ctx)
   local pending, idle = {}, nil
+  local checkpoint = checkpointer(ctx)
   local function commit(batch)
     local ok, err = pcall(ctx.db.transaction, ctx.db, function()
-      for _, e in ipairs(batch) do
-        local id, outcome = ctx.queue:enqueue(e.kind, e.payload, {key = e.key})
-        if not id then error(outcome, 0) end
-        e.id, e.outcome = id, outcome
-      end
+      local n, eerr = ctx.queue:enqueue_many(batch)
+      if not n then error(eerr, 0) end
     end)
     if ok then
       -- the commit skipped its fsync (synchronous=NORMAL); flush the WAL on the thread
@@ -266,11 +329,25 @@ local function delivery_writer(ctx)
       if not synced then ok, err = false, serr end
     end
     ctx.store_error = not ok and tostring(err) or nil
+    local queued, first, last, hooks = 0, nil, nil, {}
     for _, e in ipairs(batch) do
-      if not ok then e.id, e.outcome = nil, tostring(err) end
+      if not ok then
+        e.id, e.outcome = nil, tostring(err)
+      elseif e.outcome == "queued" then
+        queued = queued + 1
+        first, last = first or e.id, e.id
+        hooks[e.hook] = true
+      end
       e.done = true
       sched.wake(e.task)
     end
+    -- one line per batch (a batch is every delivery that arrived during the last flush);
+    -- each delivery has its own line at debug level, duplicates and failures at info/error
+    if queued > 0 then
+      log.info(queued == 1 and "1 delivery queued" or (queued .. " deliveries queued"),
+        {hooks = table.concat(sorted_keys(hooks), ","), ids = first == last and first or (first .. "-" .. last)})
+    end
+    if ok then checkpoint() end
   end
   ctx.writer = ops.spawn(function()
     while true do
@@ -281,12 +358,21 @@ local function delivery_writer(ctx)
       else
         local batch = pending
         pending = {}
-        commit(batch)
+        local ok, err = pcall(commit, batch)
+        if not ok then -- a bug past the commit: no handler may wait forever
+          log.error("the delivery writer failed: " .. tostring(err))
+          for _, e in ipairs(batch) do
+            if not e.done then
+              e.id, e.outcome, e.done = nil, tostring(err), true
+              sched.wake(e.task)
+            end
+          end
+        end
       end
     end
   end)
-  return function(kind, payload, key)
-    local e = {kind = kind, payload = payload, key = key, task = sched.current()}
+  return function(kind, payload, key, hook)
+    local e = {kind = kind, payload = payload, key = key, hook = hook or kind, task = sched.current()}
     pending[#pending + 1] = e
     if idle then sched.wake(idle) end
     while not e.done do sched.suspend() end
@@ -366,7 +452,7 @@ function serve.start(settings)
   -- synchronous=NORMAL: commits do not fsync on the loop; deliveries are made durable by
   -- the writer's db:sync before they are acknowledged. Worker bookkeeping (claims,
   -- outcomes) may lose its last lines in a power cut: a delivery then runs again.
-  local db = history.open(settings.store, {synchronous = "normal"})
+  local db = history.open(settings.store, {synchronous = "normal", autocheckpoint = false})
   local mok, merr = db:migrate(serve.MIGRATIONS, {component = "ops.serve"})
   if not mok then failure.raise("the state store " .. settings.store .. " cannot be used: " .. tostring(merr)) end
   local queue = assert(db:queue(QUEUE, {max_attempts = 5, backoff = 5, max_backoff = 600}))
@@ -406,18 +492,24 @@ function serve.start(settings)
     local row = ctx.db:query("SELECT commit_id FROM serve_targets WHERE hook = ?", name)[1]
     return row and row.commit_id
   end
-  --- marks the items done and records their outcome, in one transaction
+  --- marks the items done and records their outcome, in one transaction of two statements
+  --- (one UPDATE for the group, one INSERT ... SELECT of the outcomes of those it still held)
   function ctx.finish(hook, me, items, status, run_id, target)
     local now = time.now()
+    local ids = {}
+    for i, it in ipairs(items) do ids[i] = it.id end
     ctx.db:transaction(function()
-      for _, it in ipairs(items) do
-        if ctx.queue:complete(it.id, me) then
-          local p = json.decode(it.payload)
-          assert(ctx.db:exec("INSERT OR REPLACE INTO serve_outcomes (id, hook, delivery, commit_id, status, run_id, finished) "
-            .. "VALUES (?, ?, ?, ?, ?, ?, ?)", it.id, hook.name, p.delivery, target, status, run_id, now))
-        else
-          log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = it.id})
-        end
+      local done, lost = ctx.queue:complete_many(ids, me)
+      if not done then error(lost, 0) end
+      for _, id in ipairs(lost) do
+        log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = id})
+      end
+      if #done > 0 then
+        -- the delivery id is read from the stored payload by SQLite (json_extract), not decoded in Lua
+        assert(ctx.db:exec("INSERT OR REPLACE INTO serve_outcomes (id, hook, delivery, commit_id, status, run_id, finished) "
+          .. "SELECT id, ?, json_extract(payload, '$.delivery'), ?, ?, ?, ? FROM ops_queue "
+          .. "WHERE id IN (SELECT value FROM json_each(?))",
+          hook.name, target, status, run_id, now, "[" .. table.concat(done, ",") .. "]"))
       end
       if target then
         assert(ctx.db:exec("INSERT INTO serve_targets (hook, commit_id, at) VALUES (?, ?, ?) "

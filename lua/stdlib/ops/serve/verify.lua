@@ -54,6 +54,23 @@ local function sane_path(p)
   return true
 end
 
+-- Refs that passed the checks below: a hook sees the same few again and again. Bounded:
+-- once full, further refs are checked every time.
+local VALID_REFS, valid_refs = {}, 0
+
+local function valid_ref(ref)
+  if VALID_REFS[ref] then return true end
+  if #ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
+    or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]") then
+    return false
+  end
+  if valid_refs < 256 then
+    valid_refs = valid_refs + 1
+    VALID_REFS[ref] = true
+  end
+  return true
+end
+
 --- Reads a push payload into the common shape; nil, 400, reason when it is not one.
 local function parse_push(req, delivery, event)
   local text, terr = json_text(req)
@@ -62,10 +79,7 @@ local function parse_push(req, delivery, event)
   if type(p) ~= "table" then return nil, 400, "the body is not a JSON object: " .. tostring(err or type(p)) end
   local ref, before, after = p.ref, p.before, p.after
   if type(ref) ~= "string" or not ref:match("^refs/") then return nil, 400, "the payload has no ref" end
-  if #ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
-    or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]") then
-    return nil, 400, "the ref is not a valid git ref name"
-  end
+  if not valid_ref(ref) then return nil, 400, "the ref is not a valid git ref name" end
   if not is_sha(before) or not is_sha(after) then
     return nil, 400, "before and after must be commit ids (40 or 64 hex digits)"
   end

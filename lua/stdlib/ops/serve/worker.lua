@@ -191,24 +191,17 @@ function worker.loop(ctx, name)
     local hook = ctx.settings.hooks[name]
     if not hook then return end
     ctx.slots:acquire()
-    local items = {}
     local released = false
     local function release()
       if not released then released = true; ctx.slots:release() end
     end
     local guard <close> = setmetatable({}, {__close = release})
-    -- one transaction (one fsync) for the whole group
-    local ok_claim, claim_err = pcall(ctx.db.transaction, ctx.db, function()
-      while #items < worker.MAX_GROUP and not ctx.stopping do
-        local item, err = ctx.queue:claim(me, ctx.settings.lease, {kind})
-        if not item then
-          if err then error(err, 0) end
-          break
-        end
-        items[#items + 1] = item
-      end
-    end)
-    if not ok_claim then
+    -- the whole group in one statement (one transaction), in id order
+    local items, claim_err = {}, nil
+    if not ctx.stopping then
+      items, claim_err = ctx.queue:claim_many(me, ctx.settings.lease, {kind}, worker.MAX_GROUP)
+    end
+    if not items then
       items = {}
       log.error("cannot claim deliveries: " .. tostring(claim_err), {hook = name})
     end
@@ -216,7 +209,6 @@ function worker.loop(ctx, name)
       release()
       if not ctx.stopping then ctx.wait_for_work(name) end
     else
-      table.sort(items, function(a, b) return a.id < b.id end)
       ctx.busy[name] = true
       local ok, status, run_id, target = pcall(function()
         local keeper = keep_leases(ctx, me, items)
