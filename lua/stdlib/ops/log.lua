@@ -163,7 +163,7 @@ local function emit(level, msg, fields)
     if use_colour() then tag = COLOURS[level] .. tag .. "\27[0m" end
     line = clock() .. " " .. tag .. " " .. prefix .. msg .. tail
   end
-  state.out:write(line, "\n")
+  state.out:write(line .. "\n") -- one write: stderr is unbuffered
   state.out:flush()
 end
 

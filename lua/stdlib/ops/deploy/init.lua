@@ -38,6 +38,10 @@ local deploy = {
   Step = Step,
 }
 
+--- How long a step's change of status may wait before it is written to the store, so
+--- that steps which end quickly share a transaction (the end of the run writes the rest).
+deploy.RECORD_DELAY = 0.05
+
 --- deploy.driver(tool) -> the driver module; an override that is a plain table falls back
 --- to the built-in driver for the stages it does not define
 function deploy.driver(tool)
@@ -374,17 +378,17 @@ function deploy.run(opts)
     run.record = function() end
     local flush_records = function() end
     if not run.dry_run then
-      -- the run's record is safe from a crash of opsrun (a step's row lags it by one turn
-      -- of the loop at most); a power cut may lose its last lines (synchronous=NORMAL):
-      -- the deploy itself must not wait on fsync per step
+      -- the run's record is safe from a crash of opsrun but for its last RECORD_DELAY
+      -- seconds (a step's row lags it by that much at most); a power cut may lose its last
+      -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
       db = history.open(opts.store, {synchronous = "normal"})
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
         args = opts.args and log.redact(opts.args), trigger = opts.trigger, delivery = opts.delivery,
       })
       -- A step's record is written by a task of its own, in one transaction for all the
-      -- steps that changed meanwhile: a step marks itself and goes on to start its
-      -- command, and the row is written while that command runs.
+      -- steps that changed meanwhile, RECORD_DELAY seconds after the first of them: a step
+      -- marks itself and goes on, and rows are written in batches while commands run.
       local dirty, queued, writer_idle = {}, {}, nil
       flush_records = function()
         while #queued > 0 do
@@ -407,6 +411,7 @@ function deploy.run(opts)
             sched.suspend()
             writer_idle = nil
           else
+            sched.sleep(deploy.RECORD_DELAY)
             flush_records()
           end
         end
