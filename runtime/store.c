@@ -660,6 +660,15 @@ static void wal_sync_cancel(ops_wait *w)
 	(void)w;
 }
 
+/* Ends a wait on the thread pool with nil, message, code: the message is on top of co. */
+static void wait_fail(ops_wait *w, lua_State *co, const char *code)
+{
+	lua_pushnil(co);
+	lua_insert(co, -2);
+	lua_pushstring(co, code);
+	ops_wait_complete(w, 3);
+}
+
 static void wal_sync_done(uv_fs_t *req)
 {
 	wal_sync *s = req->data;
@@ -670,10 +679,8 @@ static void wal_sync_done(uv_fs_t *req)
 	if (co != NULL) {
 		lua_checkstack(co, 3);
 		if (result < 0) {
-			lua_pushnil(co);
 			lua_pushfstring(co, "%s: cannot flush the store's WAL: %s", uv_err_name(result), uv_strerror(result));
-			lua_pushstring(co, uv_err_name(result));
-			ops_wait_complete(&s->w, 3);
+			wait_fail(&s->w, co, uv_err_name(result));
 		} else {
 			lua_pushboolean(co, 1);
 			ops_wait_complete(&s->w, 1);
@@ -778,16 +785,12 @@ static void checkpoint_done(uv_work_t *req, int status)
 	if (co != NULL) {
 		lua_checkstack(co, 3);
 		if (status < 0) {
-			lua_pushnil(co);
 			lua_pushfstring(co, "%s: cannot checkpoint the store: %s", uv_err_name(status), uv_strerror(status));
-			lua_pushstring(co, uv_err_name(status));
-			ops_wait_complete(&c->w, 3);
+			wait_fail(&c->w, co, uv_err_name(status));
 		} else if (c->rc != SQLITE_OK) {
 			const char *code = primary_code_name(c->rc);
-			lua_pushnil(co);
 			lua_pushfstring(co, "%s: cannot checkpoint %s: %s", code, c->path, c->err);
-			lua_pushstring(co, code);
-			ops_wait_complete(&c->w, 3);
+			wait_fail(&c->w, co, code);
 		} else {
 			lua_pushinteger(co, c->log);
 			lua_pushinteger(co, c->done);

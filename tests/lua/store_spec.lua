@@ -889,6 +889,18 @@ describe("db:checkpoint and autocheckpoint = false", function()
     assert.has_error(function() store.open(path, {autocheckpoint = "no"}) end)
   end)
 
+  it("answers nil, a message naming the file, and a code when the checkpoint cannot run", function()
+    local db = assert(store.open(path, {synchronous = "normal", autocheckpoint = false}))
+    assert(db:exec("CREATE TABLE t (x)"))
+    assert(db:exec("INSERT INTO t VALUES (1)"))
+    os.remove(path) -- this connection keeps its file open; the checkpoint's cannot open it
+    local wal, err, code = db:checkpoint()
+    assert.is_nil(wal)
+    assert.equal("SQLITE_CANTOPEN", code)
+    assert.matches("^SQLITE_CANTOPEN: cannot checkpoint " .. path:gsub("%p", "%%%0") .. ": ", err)
+    db:close()
+  end)
+
   it("has nothing to checkpoint in memory, and refuses to run outside a task", function()
     local db = assert(store.open(":memory:"))
     assert.same({0, 0}, {db:checkpoint()})
