@@ -862,6 +862,38 @@ describe("db:checkpoint and autocheckpoint = false", function()
     db:close()
   end)
 
+  it("holds the connection's other tasks off while it runs, and lets them go when it ends or is cancelled", function()
+    local db = assert(store.open(path, {synchronous = "normal", autocheckpoint = false}))
+    assert(db:exec("CREATE TABLE t (x)"))
+    local blob = string.rep("x", 3000)
+    for i = 1, 300 do assert(db:exec("INSERT INTO t VALUES (?)", blob .. i)) end
+    local order = {}
+    local checkpointer = ops.spawn(function()
+      local wal, done = db:checkpoint()
+      order[#order + 1] = "checkpoint " .. tostring(wal == done)
+    end)
+    local writer = ops.spawn(function()
+      ops.sleep(0) -- the checkpoint has started (it is on the thread pool)
+      assert(db:exec("INSERT INTO t VALUES (1)"))
+      order[#order + 1] = "insert"
+    end)
+    assert(checkpointer:wait(10))
+    assert(writer:wait(10))
+    assert.same({"checkpoint true", "insert"}, order)
+    -- the WAL started again: nothing was written beside the checkpoint
+    assert.is_true(db:wal_frames() < 10, "the WAL did not start again: " .. db:wal_frames())
+    -- inside a transaction of the same task: no deadlock
+    db:transaction(function() assert.is_truthy(db:checkpoint()) end)
+    -- a checkpoint whose task is cancelled leaves the connection usable
+    for i = 1, 300 do assert(db:exec("INSERT INTO t VALUES (?)", blob .. i)) end
+    local t = ops.spawn(function() db:checkpoint() end)
+    ops.sleep(0)
+    t:cancel()
+    local done = ops.spawn(function() return db:exec("INSERT INTO t VALUES (2)") end)
+    assert.is_truthy(done:wait(10))
+    db:close()
+  end)
+
   it("checkpoints what no reader still needs, and says how far it got", function()
     local db = assert(store.open(path, {autocheckpoint = false}))
     assert(db:exec("CREATE TABLE t (x)"))

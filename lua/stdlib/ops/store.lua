@@ -54,8 +54,20 @@ methods.exec = guarded(c_exec)
 methods.query = guarded(c_query)
 methods.exec_script = guarded(c_exec_script)
 
-function methods:_lock() state_of(self).mutex:lock() end
-function methods:_unlock() state_of(self).mutex:unlock() end
+-- db:checkpoint() -> wal_frames, checkpointed_frames | nil, err, code
+-- The checkpoint itself runs on the thread pool (core); meanwhile this connection's other
+-- tasks are held off as by a transaction, so that nothing of this process writes beside
+-- it: it can then cover the whole WAL, and the next commit starts the WAL again. Inside
+-- the caller's own transaction it runs as it is (the caller already holds them off).
+local c_checkpoint = methods.checkpoint
+function methods:checkpoint()
+  local m = state_of(self).mutex
+  local co = running()
+  if m.owner == co then return c_checkpoint(self) end
+  m:lock()
+  local unlock <close> = setmetatable({}, { __close = function() m:unlock(co) end })
+  return c_checkpoint(self)
+end
 
 -- Raises a database failure as its "SQLITE_CODE: message" string.
 local function must(first, err)
@@ -252,6 +264,11 @@ end
 -- ops.store.queue(db, name [, opts]): the same as db:queue(name, opts).
 function store.queue(db, name, opts) return methods.queue(db, name, opts) end
 
+-- A new item, unless its key is taken (then the id of the one that has it is looked up).
+local ENQUEUE_SQL = "INSERT INTO ops_queue (queue, kind, payload, key, state, available_at, created_at, updated_at) "
+  .. "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) ON CONFLICT DO NOTHING"
+local DUPLICATE_SQL = "SELECT id FROM ops_queue WHERE queue = ? AND key = ?"
+
 -- q:enqueue(kind, payload [, {key =, delay =}]) -> id, "queued" | id, "duplicate" | nil, err, code
 function Queue:enqueue(kind, payload, opts)
   if type(kind) ~= "string" then error("ops.store: enqueue: kind must be a string", 2) end
@@ -263,13 +280,10 @@ function Queue:enqueue(kind, payload, opts)
   if key ~= nil and type(key) ~= "string" then error("ops.store: enqueue: key must be a string", 2) end
   local now = self.now()
   local db = self.db
-  local changes, id_or_err, code = db:exec(
-    "INSERT INTO ops_queue (queue, kind, payload, key, state, available_at, created_at, updated_at) "
-      .. "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) ON CONFLICT DO NOTHING",
-    self.name, kind, payload, key, now + delay, now, now)
+  local changes, id_or_err, code = db:exec(ENQUEUE_SQL, self.name, kind, payload, key, now + delay, now, now)
   if changes == nil then return nil, id_or_err, code end
   if changes == 1 then return id_or_err, "queued" end
-  local rows, err, code2 = db:query("SELECT id FROM ops_queue WHERE queue = ? AND key = ?", self.name, key)
+  local rows, err, code2 = db:query(DUPLICATE_SQL, self.name, key)
   if not rows then return nil, err, code2 end
   if not rows[1] then
     return nil, "SQLITE_CONSTRAINT: enqueue was refused by the database", "SQLITE_CONSTRAINT"
@@ -281,8 +295,6 @@ end
 -- entries: an array of {kind =, payload =, key =}; sets each entry's id and outcome
 -- ("queued" or "duplicate"), as enqueue would. All or nothing: one transaction (a savepoint
 -- inside the caller's), one INSERT per entry, and a SELECT only for a duplicate key.
-local ENQUEUE_SQL = "INSERT INTO ops_queue (queue, kind, payload, key, state, available_at, created_at, updated_at) "
-  .. "VALUES (?, ?, ?, ?, 'ready', ?, ?, ?) ON CONFLICT DO NOTHING"
 function Queue:enqueue_many(entries)
   if type(entries) ~= "table" then error("ops.store: enqueue_many: entries must be an array", 2) end
   for i = 1, #entries do
@@ -302,7 +314,7 @@ function Queue:enqueue_many(entries)
       if changes == 1 then
         e.id, e.outcome = id, "queued"
       else
-        local row = must(c_query(db, "SELECT id FROM ops_queue WHERE queue = ? AND key = ?", name, e.key))[1]
+        local row = must(c_query(db, DUPLICATE_SQL, name, e.key))[1]
         if not row then error("SQLITE_CONSTRAINT: enqueue was refused by the database", 0) end
         e.id, e.outcome = row.id, "duplicate"
       end
@@ -333,22 +345,30 @@ local function dead_letter_expired(q, db, now)
     now, q.name, now, q.max_attempts))
 end
 
+-- Leases up to limit items due now (oldest available first) in one statement; in id order.
+local function lease(q, worker, lease_seconds, filter, kind_params, limit)
+  local sql = "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
+    .. "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM ops_queue "
+    .. "WHERE queue = ? AND available_at <= ?" .. filter .. " ORDER BY available_at, id LIMIT ?) "
+    .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until"
+  return atomically(q.db, function(db)
+    local now = q.now()
+    dead_letter_expired(q, db, now)
+    local params = { worker, now + lease_seconds, now, q.name, now }
+    for i = 1, #kind_params do params[#params + 1] = kind_params[i] end
+    params[#params + 1] = limit
+    local items = must(c_query(db, sql, unpack(params)))
+    table.sort(items, function(a, b) return a.id < b.id end)
+    return items
+  end)
+end
+
 -- q:claim(worker, lease_seconds [, kinds]) -> item | nil (empty) | nil, err, code
 function Queue:claim(worker, lease_seconds, kinds)
   local filter, kind_params = claim_args("claim", worker, lease_seconds, kinds)
-  local select_sql = "SELECT id FROM ops_queue WHERE queue = ? AND available_at <= ?" .. filter
-    .. " ORDER BY available_at, id LIMIT 1"
-  return atomically(self.db, function(db)
-    local now = self.now()
-    dead_letter_expired(self, db, now)
-    local row = must(c_query(db, select_sql, self.name, now, unpack(kind_params)))[1]
-    if not row then return nil end
-    local item = must(c_query(db, "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
-      .. "attempts = attempts + 1, updated_at = ? WHERE id = ? "
-      .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until",
-      worker, now + lease_seconds, now, row.id))[1]
-    return item
-  end)
+  local items, err, code = lease(self, worker, lease_seconds, filter, kind_params, 1)
+  if not items then return nil, err, code end
+  return items[1]
 end
 
 -- q:claim_many(worker, lease_seconds, kinds, limit) -> { item, ... } | nil, err, code
@@ -360,20 +380,7 @@ function Queue:claim_many(worker, lease_seconds, kinds, limit)
   if math.type(limit) ~= "integer" or limit <= 0 then
     error("ops.store: claim_many: limit must be a positive integer", 2)
   end
-  local sql = "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
-    .. "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM ops_queue "
-    .. "WHERE queue = ? AND available_at <= ?" .. filter .. " ORDER BY available_at, id LIMIT ?) "
-    .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until"
-  return atomically(self.db, function(db)
-    local now = self.now()
-    dead_letter_expired(self, db, now)
-    local params = { worker, now + lease_seconds, now, self.name, now }
-    for i = 1, #kind_params do params[#params + 1] = kind_params[i] end
-    params[#params + 1] = limit
-    local items = must(c_query(db, sql, unpack(params)))
-    table.sort(items, function(a, b) return a.id < b.id end)
-    return items
-  end)
+  return lease(self, worker, lease_seconds, filter, kind_params, limit)
 end
 
 -- q:complete(id, worker) -> true | false, "lease lost" | nil, err, code

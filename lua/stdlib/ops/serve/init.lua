@@ -299,9 +299,7 @@ local function checkpointer(ctx)
     last = frames
     if frames < at then return end
     at = frames + serve.CHECKPOINT_FRAMES -- if this one cannot cover it all, not again at once
-    ctx.db:_lock()
-    local unlock <close> = setmetatable({}, {__close = function() ctx.db:_unlock() end})
-    local wal, done = ctx.db:checkpoint()
+    local wal, done = ctx.db:checkpoint() -- holds this process's other writers off
     if not wal then
       log.warn("cannot checkpoint the store: " .. tostring(done))
     elseif done < wal then
