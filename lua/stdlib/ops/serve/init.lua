@@ -128,31 +128,28 @@ end
 -- receiver's hot path writes two per delivery, and this is ten times ops.json.encode.
 local ESCAPES = {['"'] = '\\"', ["\\"] = "\\\\"}
 local function escape(c) return ESCAPES[c] or string.format("\\u%04x", c:byte()) end
-local function flat_json(t, keys)
-  local out = {}
-  for _, k in ipairs(keys) do
-    local v = t[k]
-    if v ~= nil then
-      local tv = type(v)
-      if tv == "string" then
-        v = '"' .. v:gsub('[%c"\\]', escape) .. '"'
-      elseif math.type(v) == "float" then
-        v = string.format("%.17g", v)
-      else
-        v = tostring(v)
-      end
-      out[#out + 1] = '"' .. k .. '":' .. v
-    end
-  end
-  return "{" .. table.concat(out, ",") .. "}"
-end
-serve.flat_json = flat_json
 
 -- A JSON string: the common case (nothing to escape) costs one find.
 local function json_string(v)
   if v:find('[%c"\\]') then v = v:gsub('[%c"\\]', escape) end
   return '"' .. v .. '"'
 end
+
+local function json_value(v)
+  if type(v) == "string" then return json_string(v) end
+  if math.type(v) == "float" then return string.format("%.17g", v) end
+  return tostring(v)
+end
+
+local function flat_json(t, keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    if v ~= nil then out[#out + 1] = '"' .. k .. '":' .. json_value(v) end
+  end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+serve.flat_json = flat_json
 
 local ANSWER_KEYS = {"status", "delivery", "id", "reason", "error"}
 local JSON_HEADERS = {["content-type"] = "application/json"} -- shared: read by the server, never changed
@@ -196,8 +193,7 @@ local function push_payload(name, push, received)
   return '{"hook":' .. json_string(name) .. ',"delivery":' .. json_string(push.delivery)
     .. ',"ref":' .. json_string(push.ref) .. ',"before":' .. json_string(push.before)
     .. ',"after":' .. json_string(push.after) .. bool("created", push.created) .. bool("deleted", push.deleted)
-    .. bool("forced", push.forced) .. ',"received":'
-    .. (math.type(received) == "float" and string.format("%.17g", received) or tostring(received)) .. "}"
+    .. bool("forced", push.forced) .. ',"received":' .. json_value(received) .. "}"
 end
 serve.push_payload = push_payload
 

@@ -54,21 +54,10 @@ local function sane_path(p)
   return true
 end
 
--- Refs that passed the checks below: a hook sees the same few again and again. Bounded:
--- once full, further refs are checked every time.
-local VALID_REFS, valid_refs = {}, 0
-
+-- A ref git would accept as a name (git check-ref-format's rules that matter here).
 local function valid_ref(ref)
-  if VALID_REFS[ref] then return true end
-  if #ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
-    or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]") then
-    return false
-  end
-  if valid_refs < 256 then
-    valid_refs = valid_refs + 1
-    VALID_REFS[ref] = true
-  end
-  return true
+  return not (#ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
+    or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]"))
 end
 
 --- Reads a push payload into the common shape; nil, 400, reason when it is not one.
