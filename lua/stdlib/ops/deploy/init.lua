@@ -376,7 +376,7 @@ function deploy.run(opts)
     -- the store: history and locks (a dry run touches neither)
     local db, locks = nil, {}
     run.record = function() end
-    local flush_records = function() end
+    local flush_records, writer = function() end, nil
     if not run.dry_run then
       -- the run's record is safe from a crash of opsrun but for its last RECORD_DELAY
       -- seconds (a step's row lags it by that much at most); a power cut may lose its last
@@ -404,7 +404,7 @@ function deploy.run(opts)
           end)
         end
       end
-      local writer = sched.spawn(function()
+      writer = sched.spawn(function()
         while true do
           if #queued == 0 then
             writer_idle = sched.current()
@@ -423,11 +423,10 @@ function deploy.run(opts)
         end
         if writer_idle then sched.wake(writer_idle) end
       end
-      run.stop_writer = function() writer:cancel() end
       for _, s in ipairs(steps) do run.record(s) end -- one commit for the whole plan
     end
     local records <close> = setmetatable({}, {__close = function()
-      if run.stop_writer then run.stop_writer() end
+      if writer then writer:cancel() end
       pcall(flush_records)
     end})
     local function release()
