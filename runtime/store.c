@@ -660,13 +660,13 @@ static void wal_sync_cancel(ops_wait *w)
 	(void)w;
 }
 
-/* Ends a wait on the thread pool with nil, message, code: the message is on top of co. */
-static void wait_fail(ops_wait *w, lua_State *co, const char *code)
+/* Pushes nil, "CODE: cannot <what>: reason", CODE for a libuv failure; returns 3. */
+static int push_uv_error(lua_State *L, int rc, const char *what)
 {
-	lua_pushnil(co);
-	lua_insert(co, -2);
-	lua_pushstring(co, code);
-	ops_wait_complete(w, 3);
+	lua_pushnil(L);
+	lua_pushfstring(L, "%s: cannot %s: %s", uv_err_name(rc), what, uv_strerror(rc));
+	lua_pushstring(L, uv_err_name(rc));
+	return 3;
 }
 
 static void wal_sync_done(uv_fs_t *req)
@@ -679,8 +679,7 @@ static void wal_sync_done(uv_fs_t *req)
 	if (co != NULL) {
 		lua_checkstack(co, 3);
 		if (result < 0) {
-			lua_pushfstring(co, "%s: cannot flush the store's WAL: %s", uv_err_name(result), uv_strerror(result));
-			wait_fail(&s->w, co, uv_err_name(result));
+			ops_wait_complete(&s->w, push_uv_error(co, result, "flush the store's WAL"));
 		} else {
 			lua_pushboolean(co, 1);
 			ops_wait_complete(&s->w, 1);
@@ -729,10 +728,7 @@ static int db_sync(lua_State *L)
 	if (rc < 0) {
 		close(fd);
 		free(s);
-		lua_pushnil(L);
-		lua_pushfstring(L, "%s: cannot flush the store's WAL: %s", uv_err_name(rc), uv_strerror(rc));
-		lua_pushstring(L, uv_err_name(rc));
-		return 3;
+		return push_uv_error(L, rc, "flush the store's WAL");
 	}
 	return ops_wait_begin(L, &s->w, -1);
 }
@@ -785,12 +781,13 @@ static void checkpoint_done(uv_work_t *req, int status)
 	if (co != NULL) {
 		lua_checkstack(co, 3);
 		if (status < 0) {
-			lua_pushfstring(co, "%s: cannot checkpoint the store: %s", uv_err_name(status), uv_strerror(status));
-			wait_fail(&c->w, co, uv_err_name(status));
+			ops_wait_complete(&c->w, push_uv_error(co, status, "checkpoint the store"));
 		} else if (c->rc != SQLITE_OK) {
 			const char *code = primary_code_name(c->rc);
+			lua_pushnil(co);
 			lua_pushfstring(co, "%s: cannot checkpoint %s: %s", code, c->path, c->err);
-			wait_fail(&c->w, co, code);
+			lua_pushstring(co, code);
+			ops_wait_complete(&c->w, 3);
 		} else {
 			lua_pushinteger(co, c->log);
 			lua_pushinteger(co, c->done);
@@ -828,10 +825,7 @@ static int db_checkpoint(lua_State *L)
 	if (rc < 0) {
 		free(c->path);
 		free(c);
-		lua_pushnil(L);
-		lua_pushfstring(L, "%s: cannot checkpoint the store: %s", uv_err_name(rc), uv_strerror(rc));
-		lua_pushstring(L, uv_err_name(rc));
-		return 3;
+		return push_uv_error(L, rc, "checkpoint the store");
 	}
 	return ops_wait_begin(L, &c->w, -1);
 }
