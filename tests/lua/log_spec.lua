@@ -21,6 +21,9 @@ describe("ops.log", function()
       seen[#seen + 1] = tostring(ok) .. ":" .. held
       -- many keys (a flood of distinct ones) do not grow without end
       for i = 1, 5000 do assert(log.allow("k" .. i, 1, 60)) end
+      for _, bad in ipairs({{nil, 1, 1}, {"k", 1.5, 1}, {"k", -1, 1}, {"k", 1, 0 / 0}, {"k", 1, "60"}}) do
+        assert(not pcall(log.allow, bad[1], bad[2], bad[3]), "accepted bad arguments")
+      end
       print(table.concat(seen, " "))
     ]])
     assert.are.equal(0, r.code, r.stderr)

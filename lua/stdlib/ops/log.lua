@@ -199,6 +199,9 @@ local MAX_WINDOWS = 1024
 --- For lines that anyone can cause (a server's answers to bad requests): the log stays
 --- readable and the disk safe, while counters (metrics) still count every one.
 function log.allow(key, lines, seconds)
+  if type(key) ~= "string" then error("log.allow: key must be a string", 2) end
+  if math.type(lines) ~= "integer" or lines < 0 then error("log.allow: lines must be a whole number >= 0", 2) end
+  if type(seconds) ~= "number" or not (seconds >= 0) then error("log.allow: seconds must be a number >= 0", 2) end
   local now = time.monotonic()
   local w = windows[key]
   if not w then
