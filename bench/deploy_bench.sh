@@ -15,6 +15,7 @@
 # Usage (from the repo root):
 #   bench/deploy_bench.sh                        # OPSRUN=build/opsrun
 #   OPSRUN=/tmp/b/opsrun ENVS=20 ROUNDS=3 bench/deploy_bench.sh
+#   KEEP=1 bench/deploy_bench.sh                 # leaves the generated repo for profiling
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -27,7 +28,7 @@ jobs="${JOBS:-8}"
 sleep_s="${SLEEP:-1}"
 [ -x "$opsrun" ] || { echo "no opsrun at $opsrun (set OPSRUN)" >&2; exit 2; }
 work="$(mktemp -d /tmp/opsrun-deploy-bench-XXXXXX)"
-trap 'rm -rf "$work"' EXIT
+if [ -n "${KEEP:-}" ]; then echo "KEEP: the repo, tools and baseline stay in $work" >&2; else trap 'rm -rf "$work"' EXIT; fi
 repo="$work/repo"
 export OPSRUN_STORE="$work/store.db"
 unset BITOPS_ENVIRONMENT ENVIRONMENT OPSRUN_PATH

@@ -1,6 +1,7 @@
 /*
  * ops.core.fs: files, directories and paths with synchronous POSIX calls (local
- * file operations are fast enough not to need the libuv thread pool). Policy —
+ * file operations are fast enough not to need the libuv thread pool; a whole tree's
+ * sync is the exception: treesync.c). Policy —
  * sorting, recursion over directories, temp directory objects — is in
  * lua/stdlib/ops/fs.lua; the path logic is in path.c.
  */
@@ -24,6 +25,7 @@
 
 #include "opsrun.h"
 #include "path.h"
+#include "treesync.h"
 
 #define RES_MT "ops.core.fs.resource"
 #define COPY_CHUNK (64 * 1024)
@@ -402,7 +404,7 @@ static int fs_copy(lua_State *L)
 
 /* ---- metadata ---- */
 
-/* fs.stat(path [, follow=true]) -> {type, size, mode, mtime, uid, gid} | nil, err, code */
+/* fs.stat(path [, follow=true]) -> {type, size, mode, mtime, uid, gid, ino} | nil, err, code */
 static int fs_stat(lua_State *L)
 {
 	const char *path = check_path(L, 1);
@@ -411,7 +413,7 @@ static int fs_stat(lua_State *L)
 
 	if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
 		return push_errno(L, errno, path);
-	lua_createtable(L, 0, 6);
+	lua_createtable(L, 0, 7);
 	lua_pushstring(L, type_name(st.st_mode));
 	lua_setfield(L, -2, "type");
 	lua_pushinteger(L, (lua_Integer)st.st_size);
@@ -424,6 +426,8 @@ static int fs_stat(lua_State *L)
 	lua_setfield(L, -2, "uid");
 	lua_pushinteger(L, (lua_Integer)st.st_gid);
 	lua_setfield(L, -2, "gid");
+	lua_pushinteger(L, (lua_Integer)st.st_ino);
+	lua_setfield(L, -2, "ino");
 	return 1;
 }
 
@@ -625,7 +629,7 @@ static int fs_remove(lua_State *L)
  * entry swapped for a symlink meanwhile fails instead of being followed. path names
  * the directory (len bytes) and on failure names the entry that failed.
  */
-static int remove_contents(int dfd, char *path, size_t len, size_t cap)
+int ops_fs_remove_contents(int dfd, char *path, size_t len, size_t cap)
 {
 	DIR *d = fdopendir(dfd);
 	struct dirent *e;
@@ -673,7 +677,7 @@ static int remove_contents(int dfd, char *path, size_t len, size_t cap)
 				err = errno;
 				break;
 			}
-			err = remove_contents(cfd, path, len + 1 + nlen, cap);
+			err = ops_fs_remove_contents(cfd, path, len + 1 + nlen, cap);
 			if (err)
 				break;
 			if (unlinkat(dirfd(d), e->d_name, AT_REMOVEDIR) != 0) {
@@ -713,7 +717,7 @@ static int fs_remove_tree(lua_State *L)
 	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return push_errno(L, errno, path);
-	err = remove_contents(fd, buf, len, sizeof buf);
+	err = ops_fs_remove_contents(fd, buf, len, sizeof buf);
 	if (err)
 		return push_errno(L, err, buf);
 	if (rmdir(path) != 0)
@@ -885,6 +889,7 @@ static const luaL_Reg fs_funcs[] = {
 	{"mkdir", fs_mkdir},
 	{"remove", fs_remove},
 	{"remove_tree", fs_remove_tree},
+	{"sync_tree", ops_fs_sync_tree},
 	{"mkdtemp", fs_mkdtemp},
 	{"mkstemp", fs_mkstemp},
 	{"glob", fs_glob},

@@ -196,6 +196,12 @@ static int l_pid(lua_State *L) {
   return 1;
 }
 
+/* sys.uid() -> the effective user id */
+static int l_uid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)geteuid());
+  return 1;
+}
+
 /* sys.hostname() -> string */
 static int l_hostname(lua_State *L) {
   char buf[256];
@@ -231,7 +237,7 @@ static int l_exit(lua_State *L) {
 
 int luaopen_ops_core_sys(lua_State *L) {
   static const luaL_Reg funcs[] = {{"on_signal", l_on_signal}, {"kill", l_kill},       {"getenv", l_getenv},
-                                   {"setenv", l_setenv},       {"environ", l_environ}, {"pid", l_pid},
+                                   {"setenv", l_setenv},       {"environ", l_environ}, {"pid", l_pid}, {"uid", l_uid},
                                    {"hostname", l_hostname},   {"isatty", l_isatty},   {"cwd", l_cwd},
                                    {"exit", l_exit},           {NULL, NULL}};
   ops_signals_install(L);

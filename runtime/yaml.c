@@ -291,7 +291,10 @@ typedef struct {
   yaml_event_t event;
   int parser_live, event_live;
   FILE *fp;
-  frame frames[MAX_DEPTH];
+  /* malloc'd, grown as the nesting deepens (up to MAX_DEPTH): a few frames are all most
+   * documents need, and memory the GC does not count makes no collection debt */
+  frame *frames;
+  int frames_cap;
 } load_state;
 
 typedef struct {
@@ -311,8 +314,11 @@ static void load_state_close(load_state *st) {
   if (st->event_live) yaml_event_delete(&st->event);
   if (st->parser_live) yaml_parser_delete(&st->parser);
   if (st->fp) fclose(st->fp);
+  free(st->frames);
   st->event_live = st->parser_live = 0;
   st->fp = NULL;
+  st->frames = NULL;
+  st->frames_cap = 0;
 }
 
 static int loader_gc(lua_State *L) {
@@ -324,6 +330,8 @@ static load_state *new_load_state(lua_State *L) {
   load_state *st = lua_newuserdatauv(L, sizeof *st, 0);
   st->parser_live = st->event_live = 0;
   st->fp = NULL;
+  st->frames = NULL;
+  st->frames_cap = 0;
   luaL_setmetatable(L, LOADER_MT);
   return st;
 }
@@ -566,6 +574,15 @@ static int on_collection_start(loader *ld, const yaml_event_t *ev, int is_map) {
     return fail(ld, ev->start_mark, "nesting is deeper than %d levels", MAX_DEPTH);
   if (tag && strcmp(tag, "!") != 0 && strcmp(tag, is_map ? YAML_TAG_PREFIX "map" : YAML_TAG_PREFIX "seq") != 0)
     return fail(ld, ev->start_mark, "unsupported tag %s on a %s", tag, is_map ? "mapping" : "sequence");
+  if (ld->depth >= ld->st->frames_cap) {
+    int cap = ld->st->frames_cap ? ld->st->frames_cap * 2 : 16;
+    frame *grown;
+    if (cap > MAX_DEPTH) cap = MAX_DEPTH;
+    grown = realloc(ld->st->frames, (size_t)cap * sizeof *grown);
+    if (grown == NULL) return fail(ld, ev->start_mark, "out of memory at nesting level %d", ld->depth + 1);
+    ld->st->frames = grown;
+    ld->st->frames_cap = cap;
+  }
   luaL_checkstack(L, 8, "YAML nesting");
   if (anchor) {
     lua_pushstring(L, anchor);

@@ -8,6 +8,7 @@ local fs = ops.fs
 local SOURCE = assert(fs.realpath(h.source))
 local DOUBLES = SOURCE .. "/tests/doubles"
 local BASE_PATH = os.getenv("PATH")
+local octal_700 = tonumber("700", 8)
 
 -- ---------------------------------------------------------------------------------------
 -- building repos
@@ -106,6 +107,7 @@ local function opsrun(args, env, opts)
     OPSRUN_STORE = store, NO_COLOR = "1", PATH = DOUBLES .. ":" .. BASE_PATH,
     HELM_DOUBLE_STATE = base .. "/helm-state", EVENTS = base .. "/events",
     BITOPS_ENVIRONMENT = false, ENVIRONMENT = false,
+    TMPDIR = base .. "/tmp", -- working copies, and the copies kept between runs, in here
   }, env or {})
   local r = h.run_opsrun(args, merge({env = e}, opts or {}))
   r.out = r.stdout .. r.stderr
@@ -162,6 +164,7 @@ end
 setup(function()
   base = h.tmpdir()
   store = base .. "/store/opsrun.db"
+  assert(fs.mkdir_p(base .. "/tmp"))
 end)
 
 teardown(function() h.rmtree(base) end)
@@ -489,6 +492,92 @@ describe("_default", function()
     local d = deployed_dev()
     assert.are.equal("from _default\n", h.read(d.out .. "/only-in-default.txt"))
     assert.are.equal("the environment's notes\n", h.read(d.out .. "/notes.txt"))
+  end)
+end)
+
+describe("working copies kept between runs", function()
+  -- The hook reports the inode of a file of its working copy and whether what the last run
+  -- changed is still there, then changes the copy: edits a file, adds one.
+  local HOOK = [[
+echo "ino $(stat -c %i web/Chart.yaml) values=$(cat web/values.yaml) leftover=$([ -e leftover.txt ] && echo yes || echo no) marker=$([ -e marker ] && echo yes || echo no)" >> "$EVENTS"
+echo "replicas: 9" > web/values.yaml
+echo "left by a run" > leftover.txt
+]]
+  local repo, tmpdir
+  local function kept()
+    return tmpdir .. "/opsrun-copies-" .. ops.sys.uid() .. "/"
+      .. fs.basename(repo) .. "-" -- then the hash of the repo's path
+  end
+  local function kept_env()
+    for _, name in ipairs(assert(fs.list(tmpdir .. "/opsrun-copies-" .. ops.sys.uid()))) do
+      if (tmpdir .. "/opsrun-copies-" .. ops.sys.uid() .. "/" .. name):sub(1, #kept()) == kept() then
+        return tmpdir .. "/opsrun-copies-" .. ops.sys.uid() .. "/" .. name .. "/dev"
+      end
+    end
+  end
+  local function run(env)
+    reset_events()
+    local r = deploy(repo, {"--env", "dev"}, merge({TMPDIR = tmpdir}, env or {}))
+    assert.are.equal(0, r.code, r.out)
+    local ev = events()
+    assert.are.equal(1, #ev, table.concat(ev, "\n"))
+    local ino, values, leftover, marker = ev[1]:match("^ino (%d+) values=(.-) leftover=(%a+) marker=(%a+)$")
+    assert.is_truthy(ino, ev[1])
+    return {ino = ino, values = values, leftover = leftover, marker = marker}
+  end
+
+  setup(function()
+    tmpdir = base .. "/kept-tmp"
+    assert(fs.mkdir_p(tmpdir))
+    repo = make_repo(base .. "/kept", {
+      ["dev/helm/bitops.config.yaml"] = HELM_CONFIG,
+      ["dev/helm/web/Chart.yaml"] = CHART,
+      ["dev/helm/web/values.yaml"] = "replicas: 1\n",
+      ["dev/helm/bitops.before-deploy.d/probe.sh"] = HOOK,
+    })
+  end)
+
+  it("reuses the copy (same files), undoing what the last run changed and added", function()
+    local first = run()
+    assert.are.same({"replicas: 1", "no", "no"}, {first.values, first.leftover, first.marker})
+    local dir = assert(kept_env(), "no kept copy of dev")
+    -- given back without what the run added (its edit is undone by the next run's sync)
+    assert.is_false(fs.exists(dir .. "/helm/leftover.txt"))
+    assert.are.equal(octal_700, fs.stat(tmpdir .. "/opsrun-copies-" .. ops.sys.uid()).mode)
+    local second = run()
+    assert.are.equal(first.ino, second.ino) -- the same file: nothing was copied again
+    assert.are.same({"replicas: 1", "no", "no"}, {second.values, second.leftover, second.marker})
+    -- the operations repo itself never changes
+    assert.are.equal("", git(repo, "status", "--porcelain", "--untracked-files=all"))
+  end)
+
+  it("brings the copy in line with the repo: a new commit's files, a file planted in the copy", function()
+    run()
+    h.write(repo .. "/dev/helm/web/values.yaml", "replicas: 3\n")
+    commit(repo, "three replicas")
+    h.write(assert(kept_env()) .. "/helm/marker", "planted\n")
+    local r = run()
+    assert.are.same({"replicas: 3", "no", "no"}, {r.values, r.leftover, r.marker})
+    assert.is_false(fs.exists(kept_env() .. "/helm/marker"))
+  end)
+
+  it("copies afresh with OPSRUN_KEEP_COPIES=0, leaving the kept copy alone", function()
+    run()
+    h.write(assert(kept_env()) .. "/helm/marker", "planted\n")
+    local r = run({OPSRUN_KEEP_COPIES = "0"})
+    assert.are.equal("no", r.marker)
+    assert.is_true(fs.exists(kept_env() .. "/helm/marker"))
+  end)
+
+  it("does not use a folder of kept copies that others can read or that is not ours", function()
+    local other = base .. "/open-tmp"
+    local top = other .. "/opsrun-copies-" .. ops.sys.uid()
+    assert(fs.mkdir_p(top))
+    assert(fs.chmod(top, "0755"))
+    reset_events()
+    local r = deploy(repo, {"--env", "dev"}, {TMPDIR = other})
+    assert.are.equal(0, r.code, r.out)
+    assert.are.same({}, fs.list(top))
   end)
 end)
 

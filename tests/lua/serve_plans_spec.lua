@@ -97,7 +97,7 @@ local function calls()
     local words = {}
     for i, a in ipairs(c.argv) do
       a = a:gsub("^" .. root:gsub("%p", "%%%0") .. "/checkout%-%d+", "<repo>")
-      a = a:gsub("^/tmp/opsrun%-plans%-%w+/kubeconfig%-%d+%.yaml$", "<kubeconfig>")
+      a = a:gsub("^/.*/opsrun%-plans%-%w+/kubeconfig%-%d+%.yaml$", "<kubeconfig>")
       words[i] = a
     end
     out[#out + 1] = table.concat(words, " ")

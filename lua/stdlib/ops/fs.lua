@@ -25,6 +25,16 @@ fs.normalize = core.normalize
 fs.is_absolute = core.is_absolute
 fs.within = core.within
 
+--- fs.sync_tree(src, dst [, {prune_only = true}]) -> {copied, removed, same} | nil, err, code
+--- Makes dst (created when missing; its parent must exist) an exact copy of the directory
+--- src, as `cp -a` would: directories, regular files (content, mode bits, mtime, and owner
+--- when run as root) and symlinks (their target text). Only what differs is written: a file
+--- with the same bytes, mode and mtime is left alone, one that differs is replaced, an entry
+--- src does not have is removed. Nothing in dst is followed (a symlink there is an entry, not
+--- a way out). A fifo, socket or device in src fails with ENOTSUP. prune_only: only remove
+--- what src does not have. Runs on libuv's thread pool: call it in a task.
+fs.sync_tree = core.sync_tree
+
 -- Raises "bad argument #n to 'fs.name' (msg)" at the caller of the public function.
 local function argcheck(cond, n, name, msg)
   if not cond then
@@ -43,7 +53,7 @@ local function child(dir, name)
   return dir .. "/" .. name
 end
 
---- fs.stat(path [, {follow=true}]) -> {type, size, mode, mtime, uid, gid} | nil, err, code
+--- fs.stat(path [, {follow=true}]) -> {type, size, mode, mtime, uid, gid, ino} | nil, err, code
 function fs.stat(path, opts)
   argcheck(type(path) == "string", 1, "stat", "string expected, got " .. type(path))
   opts = check_opts(opts, 2, "stat")

@@ -343,18 +343,21 @@ function deploy.run(opts)
     end
     -- the working copies are made in the order the steps need them, while the steps of
     -- environments already copied run; a step waits for its own
-    local order, queued, copy_waiters = {}, {}, {}
+    local copy_order, queued, copy_waiters = {}, {}, {}
     for _, st in ipairs(steps) do
-      if not queued[st.env] then queued[st.env] = true; order[#order + 1] = st.env end
+      if not queued[st.env] then queued[st.env] = true; copy_order[#copy_order + 1] = st.env end
     end
     -- (with several jobs, a few copies at once: steps of several environments start together)
+    -- (kept between runs unless OPSRUN_KEEP_COPIES=0: repo.kept_copies)
+    local kept_key = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
+    local kept = repo.kept_copies(kept_key and kept_key ~= "" and log.public_url(kept_key) or real)
     local next_copy, copiers = 1, {}
     for c = 1, math.min(run.jobs, 4) do
       copiers[c] = sched.spawn(function()
-        while next_copy <= #order do
-          local e = order[next_copy]
+        while next_copy <= #copy_order do
+          local e = copy_order[next_copy]
           next_copy = next_copy + 1
-          local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e])
+          local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e], kept)
           run.copies[e] = cok and {ok = true} or {err = cerr}
           for _, t in ipairs(copy_waiters[e] or {}) do sched.wake(t) end
           copy_waiters[e] = nil
@@ -591,6 +594,13 @@ function deploy.run(opts)
       out:write("\ndry run: nothing was run\n")
     end
     out:flush()
+    -- the copies go back for the next run (not after an interruption: a copy may be half made)
+    if kept and not run.interrupted then
+      for _, c in ipairs(copiers) do c:cancel() end
+      for _, e in ipairs(copy_order) do
+        if run.copies[e] and run.copies[e].ok then repo.keep_copy(real, e, workdir.path, kept) end
+      end
+    end
     release()
     if db then db:close() end
     return code, run

@@ -7,6 +7,7 @@
 local fs = require "ops.fs"
 local yaml = require "ops.yaml"
 local proc = require "ops.proc"
+local sys = require "ops.sys"
 local config = require "ops.deploy.config"
 local failure = require "ops.deploy.failure"
 local modules = require "ops.core.modules"
@@ -160,21 +161,57 @@ function repo.merge_default(default_dir, target_dir, shown)
   end
 end
 
---- repo.working_copy(root, env, workdir, tools) -> path of the environment's copy, with
---- _default/<folder>/ merged into each <folder>/ the environment has (repo.merge_default) and
---- _default/bitops.config.yaml under the environment's. tools: folder -> the tool deploying
---- it, where they differ (a bitops.deployments plugin:).
-function repo.working_copy(root, env, workdir, tools)
-  local dst = fs.join(workdir, env)
-  -- cp in a child process: the loop (the steps of environments already copied) goes on
-  -- while the files are made; fs.copy_tree where there is no cp
-  local r, err = proc.run({"cp", "-a", "--", fs.join(root, env), dst}, {timeout = 3600})
-  if not r then
-    local ok, cerr = fs.copy_tree(fs.join(root, env), dst)
-    if not ok then failure.raise("cannot copy environment '" .. env .. "': " .. cerr .. " (" .. err .. ")") end
-  elseif not r.ok then
-    failure.raise("cannot copy environment '" .. env .. "': " .. (r.stderr:gsub("%s+$", "")))
+--- Working copies kept between runs (docs/cli.md, "Working copies"). A run takes an
+--- environment's kept copy by renaming it into its own working directory, so no two runs
+--- ever share one, and brings it in line with the repo with fs.sync_tree, which writes only
+--- what differs; at its end it removes what the run added and gives the copy back. Where
+--- creating files is what costs (this is most of a no-op deploy on ext4), nothing is created.
+---
+--- repo.kept_copies(key) -> the folder of key's kept copies, $TMPDIR/opsrun-copies-<uid>/<name>-<hash>,
+--- or nil when OPSRUN_KEEP_COPIES=0 or the top folder is not a 0700 folder of ours (then
+--- every run copies afresh, as BitOps does). key: what names the repo (its lock scope, so
+--- that opsrun serve's checkouts of one repo share them, or its path).
+function repo.kept_copies(key)
+  if os.getenv("OPSRUN_KEEP_COPIES") == "0" then return nil end
+  local base = os.getenv("TMPDIR")
+  if base == nil or base == "" then base = "/tmp" end
+  local uid = sys.uid()
+  local top = fs.join(base, "opsrun-copies-" .. uid)
+  local st = fs.lstat(top)
+  if not st and fs.mkdir(top, {mode = "0700"}) then st = fs.lstat(top) end
+  -- a folder someone else made, or readable by others, is not trusted with copies
+  if not st or st.type ~= "directory" or st.uid ~= uid or st.mode & 63 ~= 0 then return nil end
+  local h = 2166136261 -- FNV-1a: a name, not a secret (a collision only costs a full sync)
+  for i = 1, #key do h = ((h ~ key:byte(i)) * 16777619) & 0xffffffff end
+  local name = string.format("%s-%08x", (fs.basename(key):gsub("[^%w_.-]", "_")):sub(1, 40), h)
+  -- the copies of repos no run has used for KEPT_DAYS go (every run moves its copies in
+  -- and out of its repo's folder, which keeps that folder's mtime recent)
+  local old = os.time() - repo.KEPT_DAYS * 86400
+  for _, other in ipairs(fs.list(top) or {}) do
+    local ost = other ~= name and fs.lstat(fs.join(top, other))
+    if ost and ost.mtime < old then fs.remove(fs.join(top, other), {recursive = true}) end
   end
+  local dir = fs.join(top, name)
+  if not fs.exists(dir) and not fs.mkdir(dir, {mode = "0700"}) and not fs.exists(dir) then return nil end
+  return dir
+end
+repo.KEPT_DAYS = 7
+
+--- repo.working_copy(root, env, workdir, tools [, kept]) -> path of the environment's copy,
+--- with _default/<folder>/ merged into each <folder>/ the environment has (repo.merge_default)
+--- and _default/bitops.config.yaml under the environment's. tools: folder -> the tool
+--- deploying it, where they differ (a bitops.deployments plugin:). kept: repo.kept_copies'
+--- folder, whose copy of env (if any, and if no other run holds it) is reused.
+function repo.working_copy(root, env, workdir, tools, kept)
+  local dst = fs.join(workdir, env)
+  local src = fs.join(root, env)
+  local reused = kept and fs.rename(fs.join(kept, env), dst)
+  local done, err = fs.sync_tree(src, dst)
+  if not done and reused then -- a kept copy that cannot be brought in line: start afresh
+    fs.remove(dst, {recursive = true})
+    done, err = fs.sync_tree(src, dst)
+  end
+  if not done then failure.raise("cannot copy environment '" .. env .. "': " .. err) end
   local default = fs.join(root, repo.DEFAULT_DIR)
   if is_dir(default) then
     for _, name in ipairs(assert(fs.list(default))) do
@@ -198,6 +235,16 @@ function repo.working_copy(root, env, workdir, tools)
     end
   end
   return dst
+end
+
+--- repo.keep_copy(root, env, workdir, kept) : what the run added to its copy of env removed,
+--- the copy goes back to kept for the next run (unless another run kept one meanwhile: then
+--- it stays in workdir, removed with it).
+function repo.keep_copy(root, env, workdir, kept)
+  local dst = fs.join(workdir, env)
+  if fs.sync_tree(fs.join(root, env), dst, {prune_only = true}) then
+    fs.rename(dst, fs.join(kept, env))
+  end
 end
 
 --- repo.changed_environments(root, rev) -> set of environment names whose files (or
