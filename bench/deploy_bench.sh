@@ -4,8 +4,9 @@
 #   1. ENVS (50) environments x 4 tools (terraform, ansible, helm, cloudformation) with
 #      no-op tool binaries: `opsrun deploy --all --jobs 1` against a sh script running the
 #      same commands, in the same folders, one after the other; wall time, median of
-#      ROUNDS (5) runs each, interleaved; target ratio <= 1.2. (--jobs 8, the same commands
-#      run by a bare opsrun script and the deploy with TMPDIR on tmpfs are printed too.)
+#      ROUNDS (5) runs each, interleaved; target ratio <= 1.2. (The default --jobs 4,
+#      --jobs 8, the same commands run by a bare opsrun script and the deploy copying
+#      every environment afresh are printed too.)
 #   2. the same repo with tools whose deploying command sleeps SLEEP (1) s:
 #      `opsrun deploy --all --jobs JOBS` (8) against the ideal wall time of the step graph
 #      the engine builds (bench/deploy_ideal.lua); target within 10 %.
@@ -112,13 +113,12 @@ echo "repo: $envs environments x 4 tools = $((envs * 4)) steps, $ncmd commands (
 echo
 
 # ---- 1. no-op tools ----
-# Besides the target's pair, two runs that say where the difference goes: the same
-# commands started by a bare opsrun script (the runtime alone, bench/deploy_floor.lua),
-# and the deploy with its working copies on tmpfs (TMPDIR=/dev/shm) when there is one.
-shm=""
-[ -d /dev/shm ] && [ -w /dev/shm ] && shm=/dev/shm
+# Besides the target's pair, runs that say where the difference goes: the same commands
+# started by a bare opsrun script (the runtime alone, bench/deploy_floor.lua), and the
+# deploy copying every environment afresh (OPSRUN_KEEP_COPIES=0: a first run; the others
+# reuse the copies the warm-up kept, docs/config.md "The working copy").
 "$opsrun" deploy --repo "$repo" --all --jobs 1 > /dev/null 2>&1; sh "$work/baseline.sh" > /dev/null 2>&1 || true # warm-up
-: > "$work/t_ops1"; : > "$work/t_ops8"; : > "$work/t_sh"; : > "$work/t_floor"; : > "$work/t_shm"
+: > "$work/t_ops1"; : > "$work/t_ops8"; : > "$work/t_opsd"; : > "$work/t_sh"; : > "$work/t_floor"; : > "$work/t_fresh"
 timed() { # file command...: appends the command's wall time in seconds
   local out=$1; shift
   local t0=$EPOCHREALTIME; "$@" > /dev/null 2>&1 || true; local t1=$EPOCHREALTIME
@@ -128,24 +128,27 @@ for _ in $(seq "$rounds"); do
   timed "$work/t_ops1" "$opsrun" deploy --repo "$repo" --all --jobs 1
   timed "$work/t_sh" sh "$work/baseline.sh"
   timed "$work/t_ops8" "$opsrun" deploy --repo "$repo" --all --jobs "$jobs"
+  timed "$work/t_opsd" "$opsrun" deploy --repo "$repo" --all
   timed "$work/t_floor" "$opsrun" "$here/deploy_floor.lua" "$work/baseline.sh"
-  [ -z "$shm" ] || timed "$work/t_shm" env TMPDIR="$shm" "$opsrun" deploy --repo "$repo" --all --jobs 1
+  timed "$work/t_fresh" env OPSRUN_KEEP_COPIES=0 "$opsrun" deploy --repo "$repo" --all --jobs 1
 done
-a1=$(median < "$work/t_ops1"); a8=$(median < "$work/t_ops8"); b=$(median < "$work/t_sh")
-fl=$(median < "$work/t_floor"); sm=$([ -z "$shm" ] || median < "$work/t_shm")
+a1=$(median < "$work/t_ops1"); a8=$(median < "$work/t_ops8"); ad=$(median < "$work/t_opsd"); b=$(median < "$work/t_sh")
+fl=$(median < "$work/t_floor"); sm=$(median < "$work/t_fresh")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
-r1=$(ratio "$a1" "$b"); r8=$(ratio "$a8" "$b"); rf=$(ratio "$fl" "$b")
+r1=$(ratio "$a1" "$b"); r8=$(ratio "$a8" "$b"); rd=$(ratio "$ad" "$b"); rf=$(ratio "$fl" "$b")
 echo "no-op tools: whole-process wall time, median of $rounds runs each"
-awk -v a="$a1" -v c="$a8" -v b="$b" -v f="$fl" -v n="$ncmd" -v j="$jobs" 'BEGIN {
+awk -v a="$a1" -v c="$a8" -v d="$ad" -v b="$b" -v f="$fl" -v n="$ncmd" -v j="$jobs" 'BEGIN {
   printf "  opsrun deploy --all --jobs 1   %8.1f ms  (%.2f ms per command)\n", a * 1000, a * 1000 / n
   printf "  sh, the same commands          %8.1f ms  (%.2f ms per command)\n", b * 1000, b * 1000 / n
+  printf "  opsrun deploy --all (jobs 4)   %8.1f ms  (the default)\n", d * 1000
   printf "  opsrun deploy --all --jobs %-3d %8.1f ms\n", j, c * 1000
   printf "  the same commands, bare opsrun %8.1f ms  (bench/deploy_floor.lua: no engine)\n", f * 1000}'
-[ -z "$shm" ] || awk -v s="$sm" 'BEGIN {printf "  --jobs 1, working copy on tmpfs %7.1f ms  (TMPDIR=/dev/shm)\n", s * 1000}'
+awk -v s="$sm" 'BEGIN {printf "  --jobs 1, copying afresh       %8.1f ms  (OPSRUN_KEEP_COPIES=0)\n", s * 1000}'
 echo "  ratio opsrun --jobs 1 / sh: $r1   (target <= 1.2: $(verdict "$r1" 1.2))"
+echo "  ratio opsrun (default --jobs 4) / sh: $rd"
 echo "  ratio opsrun --jobs $jobs / sh: $r8"
 echo "  ratio bare opsrun / sh: $rf   (the runtime's floor)"
-[ -z "$shm" ] || echo "  ratio --jobs 1 on tmpfs / sh: $(ratio "$sm" "$b")"
+echo "  ratio --jobs 1 copying afresh / sh: $(ratio "$sm" "$b")"
 echo
 
 # ---- 2. tools that sleep ----
@@ -166,4 +169,4 @@ awk -v w="$w" 'BEGIN {printf "  opsrun deploy --all --jobs '"$jobs"'            
 echo "  ratio to the engine's ideal: $re   (target <= 1.10: $(verdict "$re" 1.10))"
 echo "  ratio to the lower bound:    $rb"
 echo
-echo "summary: no-op $r1 x sh (--jobs 1); sleeping tools ${re} x the engine's ideal ($engine s), ${rb} x the bound ($bound s)"
+echo "summary: no-op $r1 x sh (--jobs 1), $rd x sh (default jobs); sleeping tools ${re} x the engine's ideal ($engine s), ${rb} x the bound ($bound s)"

@@ -597,9 +597,13 @@ function deploy.run(opts)
     -- the copies go back for the next run (not after an interruption: a copy may be half made)
     if kept and not run.interrupted then
       for _, c in ipairs(copiers) do c:cancel() end
+      local keepers = {} -- at once: each is a walk on libuv's thread pool
       for _, e in ipairs(copy_order) do
-        if run.copies[e] and run.copies[e].ok then repo.keep_copy(real, e, workdir.path, kept) end
+        if run.copies[e] and run.copies[e].ok then
+          keepers[#keepers + 1] = sched.spawn(repo.keep_copy, real, e, workdir.path, kept)
+        end
       end
+      for _, k in ipairs(keepers) do k:wait() end
     end
     release()
     if db then db:close() end
