@@ -284,6 +284,8 @@ static int sync_subdir(tree_sync *t, int sfd, int dfd, const char *name, const s
 {
 	int csfd, cdfd, err;
 	if (ds && !S_ISDIR(ds->st_mode)) {
+		if (t->prune_only) /* not an entry src lacks: the next full sync replaces it */
+			return 0;
 		if (remove_entry(t, dfd, name, 0) != 0)
 			return t->err;
 		ds = NULL;
@@ -304,10 +306,21 @@ static int sync_subdir(tree_sync *t, int sfd, int dfd, const char *name, const s
 		close(csfd);
 		return fail(t, err, t->dst);
 	}
+	/* a folder made read-only (by the source's mode, or a run) is opened up while its
+	 * entries are brought in line; fix_meta gives it its mode back */
+	int opened = ds && (ds->st_mode & 0700) != 0700;
+	if (opened && fchmod(cdfd, (ds->st_mode & 07777) | 0700) != 0) {
+		err = errno;
+		close(csfd);
+		close(cdfd);
+		return fail(t, err, t->dst);
+	}
 	err = sync_dir(t, csfd, cdfd);
 	/* the mtime last: making the entries changed it */
 	if (!err && !t->prune_only)
 		err = fix_meta(t, cdfd, ss);
+	else if (opened && fchmod(cdfd, ds->st_mode & 07777) != 0 && !err)
+		err = fail(t, errno, t->dst);
 	close(csfd);
 	close(cdfd);
 	return err;
