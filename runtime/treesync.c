@@ -37,7 +37,6 @@ typedef struct {
 	uv_work_t req;
 	ops_wait w;
 	char *src, *dst;
-	int prune_only;
 	int cancelled; /* set by the loop thread, read by the worker (__atomic) */
 	uv_mutex_t mu;
 	uv_cond_t cv;
@@ -284,15 +283,11 @@ static int sync_subdir(tree_sync *t, int sfd, int dfd, const char *name, const s
 {
 	int csfd, cdfd, err;
 	if (ds && !S_ISDIR(ds->st_mode)) {
-		if (t->prune_only) /* not an entry src lacks: the next full sync replaces it */
-			return 0;
 		if (remove_entry(t, dfd, name, 0) != 0)
 			return t->err;
 		ds = NULL;
 	}
 	if (!ds) {
-		if (t->prune_only)
-			return 0;
 		if (mkdirat(dfd, name, 0700) != 0)
 			return fail(t, errno, t->dst);
 		t->copied++;
@@ -317,10 +312,8 @@ static int sync_subdir(tree_sync *t, int sfd, int dfd, const char *name, const s
 	}
 	err = sync_dir(t, csfd, cdfd);
 	/* the mtime last: making the entries changed it */
-	if (!err && !t->prune_only)
+	if (!err) /* (after a failure it stays open: removing the copy must still work) */
 		err = fix_meta(t, cdfd, ss);
-	else if (opened && fchmod(cdfd, ds->st_mode & 07777) != 0 && !err)
-		err = fail(t, errno, t->dst);
 	close(csfd);
 	close(cdfd);
 	return err;
@@ -338,8 +331,6 @@ static int sync_entry(tree_sync *t, int sfd, int dfd, const char *name)
 		return fail(t, errno, t->dst);
 	if (S_ISDIR(ss.st_mode))
 		return sync_subdir(t, sfd, dfd, name, &ss, have ? &ds : NULL);
-	if (t->prune_only)
-		return 0;
 	if (S_ISLNK(ss.st_mode))
 		return sync_link(t, sfd, dfd, name, &ss, have ? &ds : NULL);
 	if (!S_ISREG(ss.st_mode))
@@ -447,7 +438,7 @@ static void sync_work(uv_work_t *req)
 		fail(t, errno, t->dst);
 		goto out;
 	}
-	if (sync_dir(t, sfd, dfd) == 0 && !t->prune_only)
+	if (sync_dir(t, sfd, dfd) == 0)
 		fix_meta(t, dfd, &ss);
 out:
 	if (sfd >= 0)
@@ -525,24 +516,17 @@ static void sync_done(uv_work_t *req, int status)
 	sync_free(t);
 }
 
-/* fs.sync_tree(src, dst [, {prune_only = true}]) -> {copied, removed, same} | nil, err, code
- * Makes dst (created if missing) an exact copy of the directory src; with prune_only, only
- * removes what src does not have. Waits (in a task) while libuv's thread pool works. */
+/* fs.sync_tree(src, dst) -> {copied, removed, same} | nil, err, code
+ * Makes dst (created if missing) an exact copy of the directory src. Waits (in a task) while libuv's thread pool works. */
 int ops_fs_sync_tree(lua_State *L)
 {
 	size_t ls, ld;
 	const char *src = luaL_checklstring(L, 1, &ls);
 	const char *dst = luaL_checklstring(L, 2, &ld);
 	tree_sync *t;
-	int rc, prune = 0;
+	int rc;
 	luaL_argcheck(L, strlen(src) == ls && ls > 0, 1, "a path without NUL bytes");
 	luaL_argcheck(L, strlen(dst) == ld && ld > 0, 2, "a path without NUL bytes");
-	if (!lua_isnoneornil(L, 3)) {
-		luaL_checktype(L, 3, LUA_TTABLE);
-		lua_getfield(L, 3, "prune_only");
-		prune = lua_toboolean(L, -1);
-		lua_pop(L, 1);
-	}
 	ops_check_task(L, "fs.sync_tree");
 	t = calloc(1, sizeof *t);
 	if (t == NULL)
@@ -562,7 +546,6 @@ int ops_fs_sync_tree(lua_State *L)
 		sync_free(t);
 		return luaL_error(L, "out of memory");
 	}
-	t->prune_only = prune;
 	t->as_root = geteuid() == 0;
 	t->req.data = t;
 	t->w.cancel = sync_cancel;

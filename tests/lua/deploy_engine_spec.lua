@@ -537,12 +537,13 @@ echo "left by a run" > leftover.txt
     })
   end)
 
-  it("reuses the copy (same files), undoing what the last run changed and added", function()
+  it("reuses the copy (same files), keeping nothing the last run changed or added", function()
     local first = run()
     assert.are.same({"replicas: 1", "no", "no"}, {first.values, first.leftover, first.marker})
     local dir = assert(kept_env(), "no kept copy of dev")
-    -- given back without what the run added (its edit is undone by the next run's sync)
+    -- given back as the repo has it: what the run added is gone, what it edited restored
     assert.is_false(fs.exists(dir .. "/helm/leftover.txt"))
+    assert.are.equal("replicas: 1\n", h.read(dir .. "/helm/web/values.yaml"))
     assert.are.equal(octal_700, fs.stat(tmpdir .. "/opsrun-copies-" .. ops.sys.uid()).mode)
     local second = run()
     assert.are.equal(first.ino, second.ino) -- the same file: nothing was copied again

@@ -25,14 +25,14 @@ fs.normalize = core.normalize
 fs.is_absolute = core.is_absolute
 fs.within = core.within
 
---- fs.sync_tree(src, dst [, {prune_only = true}]) -> {copied, removed, same} | nil, err, code
+--- fs.sync_tree(src, dst) -> {copied, removed, same} | nil, err, code
 --- Makes dst (created when missing; its parent must exist) an exact copy of the directory
 --- src, as `cp -a` would: directories, regular files (content, mode bits, mtime, and owner
 --- when run as root) and symlinks (their target text). Only what differs is written: a file
---- with the same bytes, mode and mtime is left alone, one that differs is replaced, an entry
---- src does not have is removed. Nothing in dst is followed (a symlink there is an entry, not
---- a way out). A fifo, socket or device in src fails with ENOTSUP. prune_only: only remove
---- what src does not have. Runs on libuv's thread pool: call it in a task.
+--- with the same bytes is left in place (its mode and mtime set), one that differs is
+--- replaced, an entry src does not have is removed. Nothing in dst is followed (a symlink
+--- there is an entry, not a way out). A fifo, socket or device in src fails with ENOTSUP.
+--- Runs on libuv's thread pool: call it in a task.
 fs.sync_tree = core.sync_tree
 
 -- Raises "bad argument #n to 'fs.name' (msg)" at the caller of the public function.

@@ -164,7 +164,8 @@ end
 --- Working copies kept between runs (docs/cli.md, "Working copies"). A run takes an
 --- environment's kept copy by renaming it into its own working directory, so no two runs
 --- ever share one, and brings it in line with the repo with fs.sync_tree, which writes only
---- what differs; at its end it removes what the run added and gives the copy back. Where
+--- what differs; at its end it brings it back in line (undoing the run's writes) and gives
+--- the copy back. Where
 --- creating files is what costs (this is most of a no-op deploy on ext4), nothing is created.
 ---
 --- repo.kept_copies(key) -> the folder of key's kept copies, $TMPDIR/opsrun-copies-<uid>/<name>-<hash>,
@@ -237,12 +238,14 @@ function repo.working_copy(root, env, workdir, tools, kept)
   return dst
 end
 
---- repo.keep_copy(root, env, workdir, kept) : what the run added to its copy of env removed,
---- the copy goes back to kept for the next run (unless another run kept one meanwhile: then
---- it stays in workdir, removed with it).
+--- repo.keep_copy(root, env, workdir, kept) : the run's copy of env brought back in line
+--- with the repo (what the run added removed, what it edited restored: nothing a run wrote,
+--- secrets a hook put in a file included, stays on disk) and given back to kept for the
+--- next run (unless another run kept one meanwhile: then it stays in workdir, removed with
+--- it, as is a copy that cannot be brought in line).
 function repo.keep_copy(root, env, workdir, kept)
   local dst = fs.join(workdir, env)
-  if fs.sync_tree(fs.join(root, env), dst, {prune_only = true}) then
+  if fs.sync_tree(fs.join(root, env), dst) then
     fs.rename(dst, fs.join(kept, env))
   end
 end
