@@ -496,6 +496,16 @@ function deploy.run(opts)
     -- Which steps may start: each counts the needs it still waits for; a step that ends
     -- tells the steps that need it. Ready steps start in deploy.start_order's order.
     local running, stop = 0, false
+    -- An environment whose steps have all ended gives its copy back at once (while the
+    -- other environments' steps run), not at the end of the run: repo.keep_copy
+    local open_steps, keepers = {}, {}
+    for _, st in ipairs(steps) do open_steps[st.env] = (open_steps[st.env] or 0) + 1 end
+    local function ended(st)
+      open_steps[st.env] = open_steps[st.env] - 1
+      if open_steps[st.env] == 0 and kept and not run.interrupted and run.copies[st.env] and run.copies[st.env].ok then
+        keepers[#keepers + 1] = sched.spawn(repo.keep_copy, real, st.env, workdir.path, kept)
+      end
+    end
     local order = deploy.start_order(steps, run.jobs)
     local position, remaining, dependents, ready = {}, {}, {}, {}
     for i, s in ipairs(order) do position[s] = i end
@@ -526,6 +536,7 @@ function deploy.run(opts)
           elseif not stop and not run.interrupted then
             d.status, d.error = "not-run", "it needs " .. s.id .. ", which did not succeed"
             run.record(d)
+            ended(d)
             settle(d)
           end
         end
@@ -564,6 +575,7 @@ function deploy.run(opts)
       local s = table.remove(finished, 1)
       running = running - 1
       if s.status == "failed" and run.fail_fast then stop = true end
+      ended(s)
       settle(s)
     end
     for _, s in ipairs(steps) do
@@ -571,6 +583,7 @@ function deploy.run(opts)
         s.status = "not-run"
         s.error = s.error or (run.interrupted and "the run was interrupted" or "an earlier step failed (fail-fast)")
         run.record(s)
+        ended(s)
       end
     end
 
@@ -594,17 +607,9 @@ function deploy.run(opts)
       out:write("\ndry run: nothing was run\n")
     end
     out:flush()
-    -- the copies go back for the next run (not after an interruption: a copy may be half made)
-    if kept and not run.interrupted then
-      for _, c in ipairs(copiers) do c:cancel() end
-      local keepers = {} -- at once: each is a walk on libuv's thread pool
-      for _, e in ipairs(copy_order) do
-        if run.copies[e] and run.copies[e].ok then
-          keepers[#keepers + 1] = sched.spawn(repo.keep_copy, real, e, workdir.path, kept)
-        end
-      end
-      for _, k in ipairs(keepers) do k:wait() end
-    end
+    -- the copies given back (not after an interruption: its copies go with its folder)
+    -- are in place before the run's folder is removed
+    for _, k in ipairs(keepers) do k:wait() end
     release()
     if db then db:close() end
     return code, run
