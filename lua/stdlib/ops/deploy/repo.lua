@@ -161,12 +161,12 @@ function repo.merge_default(default_dir, target_dir, shown)
   end
 end
 
---- Working copies kept between runs (docs/cli.md, "Working copies"). A run takes an
+--- Working copies kept between runs (docs/config.md, "The working copy"). A run takes an
 --- environment's kept copy by renaming it into its own working directory, so no two runs
 --- ever share one, and brings it in line with the repo with fs.sync_tree, which writes only
---- what differs; at its end it brings it back in line (undoing the run's writes) and gives
---- the copy back. Where
---- creating files is what costs (this is most of a no-op deploy on ext4), nothing is created.
+--- what differs; once the environment's steps have ended it brings the copy back in line
+--- (undoing the run's writes) and gives it back. Where creating files is what costs (most
+--- of a no-op deploy on ext4), nothing is created.
 ---
 --- repo.kept_copies(key) -> the folder of key's kept copies, $TMPDIR/opsrun-copies-<uid>/<name>-<hash>,
 --- or nil when OPSRUN_KEEP_COPIES=0 or the top folder is not a 0700 folder of ours (then
