@@ -561,15 +561,19 @@ static int l_spawn(lua_State *L) {
     lua_rawgeti(L, 1, i);
     if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
       return luaL_argerror(L, 1, lua_pushfstring(L, "argv[%d] is a %s, not a string", i, luaL_typename(L, -1)));
+    int converted = lua_type(L, -1) == LUA_TNUMBER;
     args[i - 1] = (char *)lua_tostring(L, -1);
     if (strlen(args[i - 1]) != lua_rawlen(L, -1))
       return luaL_argerror(L, 1, lua_pushfstring(L, "argv[%d] contains a NUL byte", i));
-    lua_rawseti(L, anchors, ++nanchor);
+    if (converted)
+      lua_rawseti(L, anchors, ++nanchor); /* a new string: kept alive here */
+    else
+      lua_pop(L, 1); /* a string of argv: argv keeps it alive */
   }
   args[argc] = NULL;
 
   /* environment: the table's entries sorted by name, so that each inherited variable is
-   * looked up in it by binary search; "NAME=value" strings built in one block (no Lua
+   * looked up in them by binary search; "NAME=value" strings built in one block (no Lua
    * string per variable: a deploy passes ~40 to every command) */
   char **env = NULL;
   lua_getfield(L, 2, "env");
@@ -579,51 +583,68 @@ static int l_spawn(lua_State *L) {
     lua_getfield(L, 2, "env_replace");
     int replace = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    size_t nt = 0, ne = 0, bytes = 0;
+    env_var small[128], *vars = small;
+    size_t nt = 0, cap = sizeof small / sizeof small[0], ne = 0, bytes = 0;
     lua_pushnil(L);
     while (lua_next(L, envt)) {
       if (lua_type(L, -2) != LUA_TSTRING) return luaL_argerror(L, 2, "opts.env keys must be strings");
       int vt = lua_type(L, -1);
       if (vt != LUA_TSTRING && vt != LUA_TNUMBER && !(vt == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
         return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env.%s must be a string (or false to unset)", lua_tostring(L, -2)));
-      nt++;
-      lua_pop(L, 1);
-    }
-    env_var *vars = lua_newuserdatauv(L, (nt ? nt : 1) * sizeof *vars, 0);
-    lua_rawseti(L, anchors, ++nanchor);
-    size_t i = 0;
-    lua_pushnil(L);
-    while (lua_next(L, envt) && i < nt) {
-      env_var *v = &vars[i++];
+      if (nt == cap) { /* more than fit on the stack: a bigger array, kept alive by the anchors */
+        env_var *grown = lua_newuserdatauv(L, 2 * cap * sizeof *grown, 0);
+        memcpy(grown, vars, nt * sizeof *vars);
+        lua_rawseti(L, anchors, ++nanchor);
+        vars = grown;
+        cap *= 2;
+      }
+      env_var *v = &vars[nt++];
       v->name = lua_tolstring(L, -2, &v->name_len); /* a string key: anchored by the table */
       v->value = NULL;
       v->value_len = 0;
-      if (lua_type(L, -1) == LUA_TNUMBER) {
+      if (vt == LUA_TNUMBER) {
         lua_pushvalue(L, -1);
-        v->value = lua_tolstring(L, -1, &v->value_len); /* a new string: anchored below */
+        v->value = lua_tolstring(L, -1, &v->value_len); /* a new string: anchored */
         lua_rawseti(L, anchors, ++nanchor);
-      } else if (lua_type(L, -1) == LUA_TSTRING) {
+      } else if (vt == LUA_TSTRING) {
         v->value = lua_tolstring(L, -1, &v->value_len);
       }
       if (v->value) bytes += v->name_len + v->value_len + 2;
       lua_pop(L, 1);
     }
-    qsort(vars, nt, sizeof *vars, env_var_cmp);
+    for (size_t i = 1; i < nt; i++) { /* insertion sort: a few dozen names */
+      env_var x = vars[i];
+      size_t j = i;
+      while (j > 0 && env_var_cmp(&vars[j - 1], &x) > 0) {
+        vars[j] = vars[j - 1];
+        j--;
+      }
+      vars[j] = x;
+    }
     for (char **e = environ; e && *e; e++) ne++;
-    env = lua_newuserdatauv(L, sizeof(char *) * (ne + nt + 1), 0);
+    /* the pointers, then the strings they point to, in one block */
+    env = lua_newuserdatauv(L, sizeof(char *) * (ne + nt + 1) + bytes, 0);
     lua_rawseti(L, anchors, ++nanchor);
-    char *block = lua_newuserdatauv(L, bytes ? bytes : 1, 0);
-    lua_rawseti(L, anchors, ++nanchor);
+    char *block = (char *)(env + ne + nt + 1);
     size_t k = 0;
     if (!replace) {
       for (char **e = environ; e && *e; e++) {
         const char *eq = strchr(*e, '=');
         if (eq == NULL) continue;
         env_var key = {.name = *e, .name_len = (size_t)(eq - *e)};
-        if (!bsearch(&key, vars, nt, sizeof *vars, env_var_cmp)) env[k++] = *e;
+        size_t lo = 0, hi = nt;
+        int in_table = 0; /* set (or unset) by the table: the table's entry wins */
+        while (lo < hi && !in_table) {
+          size_t mid = lo + (hi - lo) / 2;
+          int c = env_var_cmp(&key, &vars[mid]);
+          if (c == 0) in_table = 1;
+          else if (c < 0) hi = mid;
+          else lo = mid + 1;
+        }
+        if (!in_table) env[k++] = *e;
       }
     }
-    for (i = 0; i < nt; i++) {
+    for (size_t i = 0; i < nt; i++) {
       if (!vars[i].value) continue; /* false: unset */
       env[k++] = block;
       memcpy(block, vars[i].name, vars[i].name_len);

@@ -66,6 +66,32 @@ describe("ops.proc.run", function()
     assert.are.equal("ONLY=1\n", r.stdout)
   end)
 
+  it("gives a variable the table sets once, with the table's value, among many", function()
+    ops.sys.setenv("OPSRUN_SPEC_SAME", "inherited")
+    ops.sys.setenv("OPSRUN_SPEC_SAME_LONGER", "inherited too")
+    local env = {OPSRUN_SPEC_SAME = "from the table", OPSRUN_SPEC_NUM = 42}
+    for i = 1, 300 do env["OPSRUN_SPEC_V" .. i] = "v" .. i end -- more than fit on the C stack
+    local r = ops.proc.run({"/usr/bin/env"}, {env = env})
+    local seen, count = {}, 0
+    for line in r.stdout:gmatch("[^\n]+") do
+      local k, v = line:match("^([^=]+)=(.*)$")
+      if k and k:match("^OPSRUN_SPEC_") then
+        assert.is_nil(seen[k], k .. " twice")
+        seen[k] = v
+        count = count + 1
+      end
+    end
+    assert.are.equal("from the table", seen.OPSRUN_SPEC_SAME)
+    assert.are.equal("inherited too", seen.OPSRUN_SPEC_SAME_LONGER)
+    assert.are.equal("42", seen.OPSRUN_SPEC_NUM)
+    assert.are.equal("v1", seen.OPSRUN_SPEC_V1)
+    assert.are.equal("v300", seen.OPSRUN_SPEC_V300)
+    r = ops.proc.run({"printf", "%s-%s", 7, 2.5})
+    assert.are.equal("7-2.5", r.stdout)
+    assert.has_error(function() ops.proc.run({"true"}, {env = {[1] = "x"}}) end)
+    assert.has_error(function() ops.proc.run({"true"}, {env = {X = true}}) end)
+  end)
+
   it("feeds stdin from a string or a file", function()
     local r = ops.proc.run({"cat"}, {stdin = "line1\nline2"})
     assert.are.equal("line1\nline2", r.stdout)
