@@ -529,10 +529,11 @@ static void stream_init(proc *p, stream *s, const char *name, size_t limit) {
 }
 
 /* proc.spawn(argv, opts) -> handle | nil, err, code */
-/* An opts.env entry: a name and its value (NULL: unset it). */
+/* An opts.env entry: a name and its value (NULL: unset it), from layer `layer`. */
 typedef struct {
   const char *name, *value;
   size_t name_len, value_len;
+  int layer;
 } env_var;
 
 static int env_var_cmp(const void *a, const void *b) {
@@ -572,9 +573,9 @@ static int l_spawn(lua_State *L) {
   }
   args[argc] = NULL;
 
-  /* environment: the table's entries sorted by name, so that each inherited variable is
-   * looked up in them by binary search; "NAME=value" strings built in one block (no Lua
-   * string per variable: a deploy passes ~40 to every command) */
+  /* environment: the table's entries (or its layers') sorted by name, so that each
+   * inherited variable is looked up in them by binary search; "NAME=value" strings built in
+   * one block (no Lua string per variable: a deploy passes ~40 to every command) */
   char **env = NULL;
   lua_getfield(L, 2, "env");
   if (!lua_isnil(L, -1)) {
@@ -585,41 +586,76 @@ static int l_spawn(lua_State *L) {
     lua_pop(L, 1);
     env_var small[128], *vars = small;
     size_t nt = 0, cap = sizeof small / sizeof small[0], ne = 0, bytes = 0;
-    lua_pushnil(L);
-    while (lua_next(L, envt)) {
-      if (lua_type(L, -2) != LUA_TSTRING) return luaL_argerror(L, 2, "opts.env keys must be strings");
-      int vt = lua_type(L, -1);
-      if (vt != LUA_TSTRING && vt != LUA_TNUMBER && !(vt == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
-        return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env.%s must be a string (or false to unset)", lua_tostring(L, -2)));
-      if (nt == cap) { /* more than fit on the stack: a bigger array, kept alive by the anchors */
-        env_var *grown = lua_newuserdatauv(L, 2 * cap * sizeof *grown, 0);
-        memcpy(grown, vars, nt * sizeof *vars);
-        lua_rawseti(L, anchors, ++nanchor);
-        vars = grown;
-        cap *= 2;
+    /* a list of tables: layers, a later one's value winning (no merged table to build) */
+    int nlayers = 0, layered = lua_rawgeti(L, envt, 1) == LUA_TTABLE;
+    lua_pop(L, 1);
+    if (layered) {
+      nlayers = (int)lua_rawlen(L, envt);
+      lua_pushnil(L);
+      while (lua_next(L, envt)) { /* a list: nothing but its items */
+        if (!lua_isinteger(L, -2) || lua_tointeger(L, -2) < 1 || lua_tointeger(L, -2) > nlayers)
+          return luaL_argerror(L, 2, "opts.env: a list of tables of variables, or one table of variables, not both");
+        lua_pop(L, 1);
       }
-      env_var *v = &vars[nt++];
-      v->name = lua_tolstring(L, -2, &v->name_len); /* a string key: anchored by the table */
-      v->value = NULL;
-      v->value_len = 0;
-      if (vt == LUA_TNUMBER) {
-        lua_pushvalue(L, -1);
-        v->value = lua_tolstring(L, -1, &v->value_len); /* a new string: anchored */
-        lua_rawseti(L, anchors, ++nanchor);
-      } else if (vt == LUA_TSTRING) {
-        v->value = lua_tolstring(L, -1, &v->value_len);
-      }
-      if (v->value) bytes += v->name_len + v->value_len + 2;
-      lua_pop(L, 1);
+      luaL_checkstack(L, nlayers + 4, "opts.env layers");
+      for (int li = 1; li <= nlayers; li++)
+        if (lua_rawgeti(L, envt, li) != LUA_TTABLE) /* each stays on the stack */
+          return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env[%d] must be a table of variables", li));
+    } else {
+      lua_pushvalue(L, envt);
+      nlayers = 1;
     }
-    for (size_t i = 1; i < nt; i++) { /* insertion sort: a few dozen names */
+    int first_layer = lua_gettop(L) - nlayers + 1;
+    for (int li = 0; li < nlayers; li++) {
+      int lt = first_layer + li;
+      lua_pushnil(L);
+      while (lua_next(L, lt)) {
+        if (lua_type(L, -2) != LUA_TSTRING) return luaL_argerror(L, 2, "opts.env keys must be strings");
+        int vt = lua_type(L, -1);
+        if (vt != LUA_TSTRING && vt != LUA_TNUMBER && !(vt == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
+          return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env.%s must be a string (or false to unset)", lua_tostring(L, -2)));
+        if (nt == cap) { /* more than fit on the stack: a bigger array, kept alive by the anchors */
+          env_var *grown = lua_newuserdatauv(L, 2 * cap * sizeof *grown, 0);
+          memcpy(grown, vars, nt * sizeof *vars);
+          lua_rawseti(L, anchors, ++nanchor);
+          vars = grown;
+          cap *= 2;
+        }
+        env_var *v = &vars[nt++];
+        v->name = lua_tolstring(L, -2, &v->name_len); /* a string key: anchored by its table */
+        v->value = NULL;
+        v->value_len = 0;
+        v->layer = li;
+        if (vt == LUA_TNUMBER) {
+          lua_pushvalue(L, -1);
+          v->value = lua_tolstring(L, -1, &v->value_len); /* a new string: anchored */
+          lua_rawseti(L, anchors, ++nanchor);
+        } else if (vt == LUA_TSTRING) {
+          v->value = lua_tolstring(L, -1, &v->value_len);
+        }
+        if (v->value) bytes += v->name_len + v->value_len + 2;
+        lua_pop(L, 1);
+      }
+    }
+    lua_settop(L, envt); /* the layers stay alive in opts.env */
+    for (size_t i = 1; i < nt; i++) { /* insertion sort by name, then layer: a few dozen */
       env_var x = vars[i];
       size_t j = i;
-      while (j > 0 && env_var_cmp(&vars[j - 1], &x) > 0) {
+      while (j > 0) {
+        int c = env_var_cmp(&vars[j - 1], &x);
+        if (c < 0 || (c == 0 && vars[j - 1].layer <= x.layer)) break;
         vars[j] = vars[j - 1];
         j--;
       }
       vars[j] = x;
+    }
+    if (nlayers > 1) { /* a name set by several layers: the last layer's entry */
+      size_t w = 0;
+      for (size_t i = 0; i < nt; i++) {
+        if (i + 1 < nt && env_var_cmp(&vars[i], &vars[i + 1]) == 0) continue;
+        vars[w++] = vars[i];
+      }
+      nt = w;
     }
     for (char **e = environ; e && *e; e++) ne++;
     /* the pointers, then the strings they point to, in one block */

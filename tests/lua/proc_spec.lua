@@ -88,7 +88,22 @@ describe("ops.proc.run", function()
     assert.are.equal("v300", seen.OPSRUN_SPEC_V300)
     r = ops.proc.run({"printf", "%s-%s", 7, 2.5})
     assert.are.equal("7-2.5", r.stdout)
+    -- layers: each table wins over the ones before it, false unsets, an inherited one stays
+    r = ops.proc.run({"/usr/bin/env"}, {env = {
+      {OPSRUN_SPEC_A = "1", OPSRUN_SPEC_B = "1", OPSRUN_SPEC_C = "1"},
+      {OPSRUN_SPEC_B = "2", OPSRUN_SPEC_C = "2", OPSRUN_SPEC_SAME = false},
+      {OPSRUN_SPEC_C = "3"},
+    }})
+    assert.matches("\nOPSRUN_SPEC_A=1\n", "\n" .. r.stdout)
+    assert.matches("\nOPSRUN_SPEC_B=2\n", "\n" .. r.stdout)
+    assert.matches("\nOPSRUN_SPEC_C=3\n", "\n" .. r.stdout)
+    assert.matches("\nOPSRUN_SPEC_SAME_LONGER=inherited too\n", "\n" .. r.stdout)
+    assert.is_nil(r.stdout:find("OPSRUN_SPEC_SAME=", 1, true))
+    local _, n = r.stdout:gsub("OPSRUN_SPEC_C=", "")
+    assert.are.equal(1, n)
     assert.has_error(function() ops.proc.run({"true"}, {env = {[1] = "x"}}) end)
+    assert.has_error(function() ops.proc.run({"true"}, {env = {{A = "1"}, B = "2"}}) end)
+    assert.has_error(function() ops.proc.run({"true"}, {env = {{A = "1"}, "B=2"}}) end)
     assert.has_error(function() ops.proc.run({"true"}, {env = {X = true}}) end)
   end)
 

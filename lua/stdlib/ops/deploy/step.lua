@@ -53,11 +53,17 @@ function Step:output_line(line, stream)
   end
 end
 
+-- A command's environment: the step's exports, its variables, then the command's own,
+-- each winning over the one before; as layers proc.spawn merges (no table per command).
+local function env_layers(self, extra)
+  return {self.exports, self.vars, extra}
+end
+
 local function env_for(self, extra)
   local env = {}
-  for k, v in pairs(self.exports) do env[k] = v end
-  for k, v in pairs(self.vars) do env[k] = v end
-  for k, v in pairs(extra or {}) do env[k] = v end
+  for _, layer in ipairs(env_layers(self, extra)) do
+    for k, v in pairs(layer) do env[k] = v end
+  end
   return env
 end
 
@@ -65,9 +71,9 @@ end
 function Step:run(argv, opts)
   opts = opts or {}
   local cwd = opts.cwd or self.dir
-  local env = env_for(self, opts.env)
   self.commands[#self.commands + 1] = argv
   if self.dry_run then
+    local env = env_for(self, opts.env)
     local out = self.out or io.stdout
     out:write(log.redact(string.format("[%s] would run: %s\n    in: %s\n", self.id, Step.command_line(argv), cwd)))
     local names = {}
@@ -83,7 +89,7 @@ function Step:run(argv, opts)
   if log.enabled("debug") then self.log.debug("running " .. Step.command_line(argv), {cwd = cwd}) end
   local stdout = opts.quiet and "capture" or function(line) self:output_line(line, "stdout") end
   local res, err, code = proc.run(argv, {
-    cwd = cwd, env = env, stdin = opts.stdin, timeout = opts.timeout or self.timeout,
+    cwd = cwd, env = env_layers(self, opts.env), stdin = opts.stdin, timeout = opts.timeout or self.timeout,
     stdout = stdout, stderr = function(line) self:output_line(line, "stderr") end,
   })
   if not res then
