@@ -3,10 +3,10 @@
 # Both get the same signed GitHub push (HMAC-SHA256 of the body in X-Hub-Signature-256)
 # under wrk -c 32. opsrun verifies it, de-duplicates it by X-GitHub-Delivery (a new one on
 # every request, bench/serve_wrk.lua), commits it to its store (SQLite, WAL; concurrent
-# deliveries share a transaction) and flushes the WAL to disk (db:sync) before it answers
-# 202; its workers claim and complete every delivery during the run (before == after on
-# the commit already processed: nothing to deploy, no git). webhook checks a
-# payload-hmac-sha256 rule and runs /bin/true.
+# deliveries share a transaction, committed with the WAL flushed to disk: db:batch with
+# sync, on libuv's thread pool) before it answers 202; its workers claim and complete every
+# delivery during the run (before == after on the commit already processed: nothing to
+# deploy, no git). webhook checks a payload-hmac-sha256 rule and runs /bin/true.
 # Prints accepted deliveries/s, p99 latency and peak RSS of each, and the ratios.
 #   bench/serve_bench.sh                  # OPSRUN=build/opsrun, 10 s per run
 #   OPSRUN=/tmp/b/opsrun DURATION=30s bench/serve_bench.sh

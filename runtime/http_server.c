@@ -35,8 +35,7 @@
 
 #define SERVER_MT "ops.http_server"
 #define TOKEN_MT "ops.http_server.request"
-#define RUNNER_KEY "ops.http_server.runner"
-#define SPAWN_KEY "ops.http_server.spawn"
+#define DISPATCH_KEY "ops.http_server.dispatch"
 
 #define DEFAULT_MAX_BODY (25 * 1024 * 1024)
 #define DEFAULT_MAX_HEADER (64 * 1024)
@@ -139,9 +138,12 @@ static void push_request(lua_State *L, const http_request *r) {
   const char *q = memchr(t, '?', (size_t)(end - t));
   const char *path_end = q ? q : end;
   lua_pushlstring(L, t, (size_t)(path_end - t));
+  if (memchr(t, '%', (size_t)(path_end - t)) == NULL)
+    lua_pushvalue(L, -1); /* nothing to decode: the same string */
+  else
+    push_decoded(L, t, (size_t)(path_end - t));
+  lua_setfield(L, -3, "path");
   lua_setfield(L, -2, "raw_path");
-  push_decoded(L, t, (size_t)(path_end - t));
-  lua_setfield(L, -2, "path");
   if (q)
     lua_pushlstring(L, q + 1, (size_t)(end - q - 1));
   else
@@ -152,8 +154,11 @@ static void push_request(lua_State *L, const http_request *r) {
   if (r->authority) add_header(L, h, "host", 4, r->authority, r->authority_len);
   for (size_t i = 0; i < r->nheaders; i++)
     add_header(L, h, r->headers[i].name, r->headers[i].name_len, r->headers[i].value, r->headers[i].value_len);
-  if (r->has_body) {
-    lua_pushfstring(L, "%I", (lua_Integer)r->body_len);
+  if (r->has_body) { /* its digits, without a printf per request */
+    char digits[24], *p = digits + sizeof digits;
+    size_t n = r->body_len;
+    do *--p = (char)('0' + n % 10); while ((n /= 10) > 0);
+    lua_pushlstring(L, p, (size_t)(digits + sizeof digits - p));
     lua_setfield(L, h, "content-length");
   }
   lua_setfield(L, -2, "headers");
@@ -455,36 +460,36 @@ static void request_view(h2o_req_t *req, conn *c, http_request *r) {
   r->remote = c ? c->remote : "";
 }
 
-/* Under ops_pcall: builds req and spawns runner(token, handler, req) as a task. */
+/* Under ops_pcall: builds req and hands dispatch(token, handler, req) the request, which
+ * runs it in a task (runner_src). */
 static int dispatch(lua_State *L) {
   dispatch_ctx *d = lua_touserdata(L, 1);
   h2o_req_t *req = d->req;
   server *s = d->s;
   lua_settop(L, 0);
-  lua_getfield(L, LUA_REGISTRYINDEX, SPAWN_KEY);
-  lua_getfield(L, LUA_REGISTRYINDEX, RUNNER_KEY);
+  lua_getfield(L, LUA_REGISTRYINDEX, DISPATCH_KEY); /* 1 */
 
-  token *k = lua_newuserdatauv(L, sizeof *k, 0); /* 3 */
+  token *k = lua_newuserdatauv(L, sizeof *k, 0); /* 2 */
   memset(k, 0, sizeof *k);
   k->self_ref = LUA_NOREF;
   luaL_setmetatable(L, TOKEN_MT);
   k->s = s;
   s->ntokens++;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref); /* 4 */
-  push_request(L, d->r);                             /* 5 */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref); /* 3 */
+  push_request(L, d->r);                             /* 4 */
 
-  /* from here nothing can fail before the task exists, except spawn itself */
+  /* from here nothing can fail before the task has the request, except dispatch itself */
   token **slot = h2o_mem_alloc_shared(&req->pool, sizeof *slot, on_req_disposed);
   *slot = k;
   k->req = req;
   k->c = d->c;
   if (d->c) d->c->busy = k;
-  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 2);
   k->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   k->in_flight = 1;
   s->in_flight++;
   d->k = k;
-  lua_call(L, 4, 0); /* spawn(runner, token, handler, req) */
+  lua_call(L, 3, 0); /* dispatch(token, handler, req) */
   return 0;
 }
 
@@ -1067,17 +1072,20 @@ static int l_token_gc(lua_State *L) {
   return 0;
 }
 
-/* Runs each request's handler in its task and answers through core._respond. Errors are
- * logged with their traceback; the client only learns that something went wrong. */
+/* Runs each request's handler in a task and answers through core._respond. Errors are
+ * logged with their traceback; the client only learns that something went wrong. A task
+ * whose request is answered waits for the next one (up to IDLE tasks wait), so that a busy
+ * server does not create, grow and collect a coroutine per request; only a wake from
+ * dispatch (marked NEXT) hands it one, and any other wake of a waiting task is ignored. */
 static const char runner_src[] =
-    "local respond = ...\n"
+    "local respond, spawn, suspend, wake, current = ...\n"
     "local function report(req, what)\n"
     "  local ok, log = pcall(require, 'ops.log')\n"
     "  local msg = string.format('http server: %s %s: %s', tostring(req.method), tostring(req.path), what)\n"
     "  if ok then log.error('%s', msg) else io.stderr:write(msg, '\\n') end\n"
     "end\n"
     "local function trace(e) return debug.traceback(tostring(e), 2) end\n"
-    "return function(token, handler, req)\n"
+    "local function run(token, handler, req)\n"
     "  local ok, status, headers, body = xpcall(handler, trace, req)\n"
     "  if ok then\n"
     "    local sent, err = pcall(respond, token, status, headers, body)\n"
@@ -1087,6 +1095,28 @@ static const char runner_src[] =
     "    report(req, 'the handler failed: ' .. tostring(status))\n"
     "  end\n"
     "  respond(token, 500, {['content-type'] = 'text/plain'}, 'internal server error\\n')\n"
+    "end\n"
+    "local IDLE, NEXT = 64, {}\n"
+    "local idle, nidle = {}, 0\n"
+    "local function runner(token, handler, req)\n"
+    "  while true do\n"
+    "    run(token, handler, req)\n"
+    "    if nidle >= IDLE then return end\n"
+    "    nidle = nidle + 1\n"
+    "    idle[nidle] = current()\n"
+    "    local mark\n"
+    "    repeat mark, token, handler, req = suspend() until mark == NEXT\n"
+    "  end\n"
+    "end\n"
+    "return function(token, handler, req)\n"
+    "  while nidle > 0 do\n"
+    "    local t = idle[nidle]\n"
+    "    idle[nidle] = nil\n"
+    "    nidle = nidle - 1\n"
+    "    if wake(t, NEXT, token, handler, req) then return end\n"
+    "    -- woken by something else just now: it waits again at once, but no longer in line\n"
+    "  end\n"
+    "  spawn(runner, token, handler, req)\n"
     "end\n";
 
 int luaopen_ops_core_http_server(lua_State *L) {
@@ -1111,16 +1141,19 @@ int luaopen_ops_core_http_server(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_newlib(L, funcs);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "ops.core.sched");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "spawn");
-  lua_setfield(L, LUA_REGISTRYINDEX, SPAWN_KEY);
-  lua_pop(L, 1);
   if (luaL_loadbufferx(L, runner_src, sizeof runner_src - 1, "=ops.core.http_server runner", "t") != LUA_OK)
     return lua_error(L);
   lua_getfield(L, -2, "_respond");
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "ops.core.sched");
   lua_call(L, 1, 1);
-  lua_setfield(L, LUA_REGISTRYINDEX, RUNNER_KEY);
+  int sched = lua_gettop(L);
+  lua_getfield(L, sched, "spawn");
+  lua_getfield(L, sched, "suspend");
+  lua_getfield(L, sched, "wake");
+  lua_getfield(L, sched, "current");
+  lua_remove(L, sched);
+  lua_call(L, 5, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, DISPATCH_KEY);
   return 1;
 }

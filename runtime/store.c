@@ -37,10 +37,14 @@ typedef struct {
 	unsigned long last_used;
 } cache_slot;
 
+typedef struct batch_conn batch_conn;
+
 typedef struct {
 	sqlite3 *db; /* NULL once closed */
 	char *path;
 	int wal_frames; /* frames in the WAL after the last commit (autocheckpoint = false only) */
+	int autocheckpoint, busy_ms, sync_normal;
+	batch_conn *batch; /* db:batch's own connection, NULL until the first batch */
 	unsigned long tick;
 	cache_slot cache[STMT_CACHE_SIZE];
 } store_db;
@@ -128,6 +132,8 @@ static void slot_clear(cache_slot *s)
  * Every statement this connection prepared must be finalized before
  * sqlite3_close; cursors notice the connection is gone and don't finalize twice.
  */
+static void batch_conn_release(batch_conn *b);
+
 static int db_release(store_db *d)
 {
 	int rc;
@@ -135,6 +141,8 @@ static int db_release(store_db *d)
 
 	if (d->db == NULL)
 		return SQLITE_OK;
+	batch_conn_release(d->batch);
+	d->batch = NULL;
 	for (int i = 0; i < STMT_CACHE_SIZE; i++)
 		if (d->cache[i].sql != NULL)
 			slot_clear(&d->cache[i]);
@@ -418,6 +426,9 @@ static int store_open(lua_State *L)
 		goto fail;
 	sqlite3_extended_result_codes(d->db, 0);
 	sqlite3_busy_timeout(d->db, (int)busy_ms);
+	d->busy_ms = (int)busy_ms;
+	d->autocheckpoint = autocheckpoint;
+	d->sync_normal = strcmp(sync_pragma, "PRAGMA synchronous=NORMAL") == 0;
 
 	/* journal_mode reads the header first: a file that isn't a database fails here. */
 	rc = sqlite3_prepare_v2(d->db, "PRAGMA journal_mode=WAL", -1, &st, NULL);
@@ -830,6 +841,716 @@ static int db_checkpoint(lua_State *L)
 	return ops_wait_begin(L, &c->w, -1);
 }
 
+/* ---- db:batch: statements run in one transaction, on libuv's thread pool ---- */
+
+#define BATCH_CACHE_SIZE 16
+#define BATCH_MAX_ARGS 32766 /* SQLite's default limit of parameters */
+
+typedef struct {
+	char *sql; /* NULL when the slot is free */
+	size_t len;
+	sqlite3_stmt *stmt;
+	unsigned long last_used;
+} batch_slot;
+
+/* The connection db:batch runs its statements through. Opened by the first batch on the
+ * thread pool and used by one batch at a time, on whichever thread runs it; closed by the
+ * loop once no batch is in flight (by the last batch's completion if the db was closed
+ * while it ran). */
+struct batch_conn {
+	sqlite3 *db;
+	char *path;
+	int busy_ms, sync_normal, autocheckpoint;
+	int in_flight, orphaned;
+	struct batch_job *pending, *pending_tail; /* waiting for the batch in flight, in order */
+	int wal_frames; /* written by its WAL hook, read by the batch that committed */
+	unsigned long tick;
+	batch_slot cache[BATCH_CACHE_SIZE];
+	/* prepared once: BEGIN IMMEDIATE, COMMIT, ROLLBACK */
+	sqlite3_stmt *control[3];
+};
+
+enum { BATCH_BEGIN, BATCH_COMMIT, BATCH_ROLLBACK };
+static const char *const batch_control_sql[] = {"BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"};
+
+/* Runs one of the connection's control statements (prepared on first use). */
+static int batch_control(batch_conn *b, int which)
+{
+	sqlite3_stmt **st = &b->control[which];
+	int rc;
+	if (*st == NULL && (rc = sqlite3_prepare_v3(b->db, batch_control_sql[which], -1, SQLITE_PREPARE_PERSISTENT, st,
+						    NULL)) != SQLITE_OK)
+		return rc;
+	while ((rc = sqlite3_step(*st)) == SQLITE_ROW)
+		;
+	sqlite3_reset(*st);
+	return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+typedef struct {
+	int type; /* SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB or SQLITE_NULL */
+	sqlite3_int64 i;
+	double d;
+	const char *s; /* text: in the job's arena (arguments) or its own allocation (results) */
+	size_t n;
+} batch_value;
+
+typedef struct {
+	const char *sql;
+	size_t sql_len;
+	int nargs;
+	batch_value *args;
+	/* what it gave: changes and rowid, or rows when it has result columns */
+	sqlite3_int64 changes, rowid;
+	int ncols;
+	char **names;
+	size_t nrows, cap;
+	batch_value *cells; /* nrows * ncols, row by row */
+} batch_stmt;
+
+typedef struct batch_job {
+	uv_work_t req;
+	ops_wait w;
+	struct batch_job *next; /* in its connection's pending list */
+	store_db *owner; /* pinned by db_ref while the batch is in flight */
+	batch_conn *conn;
+	int db_ref;
+	int nstmts;
+	batch_stmt *stmts;
+	batch_value *values; /* every statement's arguments */
+	char *arena;         /* their SQL texts and text arguments */
+	int rc, misuse, frames;
+	int durable; /* the WAL flushed after the commit: on disk when the batch ends */
+	char err[512];
+} batch_job;
+
+static void batch_conn_close(batch_conn *b)
+{
+	for (int i = 0; i < BATCH_CACHE_SIZE; i++) {
+		sqlite3_finalize(b->cache[i].stmt);
+		free(b->cache[i].sql);
+	}
+	for (size_t i = 0; i < sizeof b->control / sizeof b->control[0]; i++)
+		sqlite3_finalize(b->control[i]);
+	sqlite3_close_v2(b->db);
+	free(b->path);
+	free(b);
+}
+
+/* The db is closed: its batch connection goes now, or after the batches in flight and
+ * waiting. */
+static void batch_conn_release(batch_conn *b)
+{
+	if (b == NULL)
+		return;
+	if (b->in_flight)
+		b->orphaned = 1;
+	else
+		batch_conn_close(b);
+}
+
+static int batch_wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+	(void)db;
+	if (strcmp(name, "main") == 0)
+		((batch_conn *)arg)->wal_frames = frames;
+	return SQLITE_OK;
+}
+
+static int batch_conn_open(batch_conn *b)
+{
+	int rc = sqlite3_open_v2(b->path, &b->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc == SQLITE_OK) {
+		sqlite3_extended_result_codes(b->db, 0);
+		sqlite3_busy_timeout(b->db, b->busy_ms);
+		rc = sqlite3_exec(b->db, b->sync_normal ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=FULL",
+				  NULL, NULL, NULL);
+	}
+	if (rc == SQLITE_OK)
+		rc = sqlite3_exec(b->db, "PRAGMA foreign_keys=ON", NULL, NULL, NULL);
+	if (rc == SQLITE_OK && !b->autocheckpoint)
+		sqlite3_wal_hook(b->db, batch_wal_hook, b);
+	return rc;
+}
+
+static void batch_fail(batch_job *j, sqlite3 *db, int rc, int index, const char *what)
+{
+	j->rc = rc;
+	if (index > 0)
+		snprintf(j->err, sizeof j->err, "%s: %s (statement %d of the batch)", primary_code_name(rc),
+			 what ? what : sqlite3_errmsg(db), index);
+	else
+		snprintf(j->err, sizeof j->err, "%s: %s", primary_code_name(rc), what ? what : sqlite3_errmsg(db));
+}
+
+/* A prepared statement for sql: from b's cache (the batch's connection), or d's (the db's
+ * own connection, for a batch run there: *slot then says which slot it holds), or (neither,
+ * or the cache full of it) one of its own, which *own then says the caller finalizes. */
+static sqlite3_stmt *batch_prepare(batch_job *j, sqlite3 *db, batch_conn *b, store_db *d, batch_stmt *bs, int index,
+				   int *own, int *slot)
+{
+	sqlite3_stmt *stmt = NULL;
+	const char *tail = NULL;
+	int victim = -1, free_slot = -1, rc;
+	*own = 1;
+	*slot = -1;
+	if (d != NULL) {
+		d->tick++;
+		for (int i = 0; i < STMT_CACHE_SIZE; i++) {
+			cache_slot *c = &d->cache[i];
+			if (c->sql == NULL) {
+				if (free_slot < 0)
+					free_slot = i;
+				continue;
+			}
+			if (!c->in_use && c->len == bs->sql_len && memcmp(c->sql, bs->sql, c->len) == 0) {
+				c->last_used = d->tick;
+				c->in_use = 1;
+				sqlite3_reset(c->stmt);
+				*own = 0;
+				*slot = i;
+				return c->stmt;
+			}
+			if (!c->in_use && (victim < 0 || c->last_used < d->cache[victim].last_used))
+				victim = i;
+		}
+		if (free_slot >= 0)
+			victim = free_slot;
+	} else if (b != NULL) {
+		b->tick++;
+		for (int i = 0; i < BATCH_CACHE_SIZE; i++) {
+			batch_slot *s = &b->cache[i];
+			if (s->sql == NULL) {
+				if (free_slot < 0)
+					free_slot = i;
+				continue;
+			}
+			if (s->len == bs->sql_len && memcmp(s->sql, bs->sql, s->len) == 0) {
+				s->last_used = b->tick;
+				*own = 0;
+				return s->stmt;
+			}
+			if (victim < 0 || s->last_used < b->cache[victim].last_used)
+				victim = i;
+		}
+		if (free_slot >= 0)
+			victim = free_slot;
+	}
+	rc = sqlite3_prepare_v3(db, bs->sql, (int)bs->sql_len, SQLITE_PREPARE_PERSISTENT, &stmt, &tail);
+	if (rc != SQLITE_OK) {
+		batch_fail(j, db, rc, index, NULL);
+		return NULL;
+	}
+	if (stmt != NULL && tail != NULL && tail < bs->sql + bs->sql_len) {
+		sqlite3_stmt *extra = NULL;
+		rc = sqlite3_prepare_v2(db, tail, (int)(bs->sql + bs->sql_len - tail), &extra, NULL);
+		sqlite3_finalize(extra);
+		if (rc != SQLITE_OK || extra != NULL) {
+			sqlite3_finalize(stmt);
+			stmt = NULL;
+			j->misuse = 1;
+			batch_fail(j, db, SQLITE_MISUSE, index, "each entry of a batch is one statement");
+			return NULL;
+		}
+	}
+	if (stmt == NULL) {
+		j->misuse = 1;
+		batch_fail(j, db, SQLITE_MISUSE, index, "the SQL holds no statement");
+		return NULL;
+	}
+	if (d != NULL && victim >= 0) {
+		cache_slot *c = &d->cache[victim];
+		char *copy = malloc(bs->sql_len + 1);
+		if (copy != NULL) {
+			if (c->sql != NULL)
+				slot_clear(c);
+			memcpy(copy, bs->sql, bs->sql_len);
+			copy[bs->sql_len] = '\0';
+			c->sql = copy;
+			c->len = bs->sql_len;
+			c->stmt = stmt;
+			c->in_use = 1;
+			c->last_used = d->tick;
+			*own = 0;
+			*slot = victim;
+		}
+	} else if (b != NULL && victim >= 0) {
+		batch_slot *s = &b->cache[victim];
+		char *copy = malloc(bs->sql_len + 1);
+		if (copy != NULL) {
+			sqlite3_finalize(s->stmt);
+			free(s->sql);
+			memcpy(copy, bs->sql, bs->sql_len);
+			copy[bs->sql_len] = '\0';
+			s->sql = copy;
+			s->len = bs->sql_len;
+			s->stmt = stmt;
+			s->last_used = b->tick;
+			*own = 0;
+		}
+	}
+	return stmt;
+}
+
+/* Keeps the current row of stmt in bs; 0, or SQLITE_NOMEM. */
+static int batch_keep_row(batch_stmt *bs, sqlite3_stmt *stmt)
+{
+	if (bs->nrows == bs->cap) {
+		size_t cap = bs->cap ? bs->cap * 2 : 4;
+		batch_value *cells = realloc(bs->cells, cap * (size_t)bs->ncols * sizeof *cells);
+		if (cells == NULL)
+			return SQLITE_NOMEM;
+		bs->cells = cells;
+		bs->cap = cap;
+	}
+	batch_value *row = bs->cells + bs->nrows * (size_t)bs->ncols;
+	memset(row, 0, (size_t)bs->ncols * sizeof *row);
+	bs->nrows++;
+	for (int c = 0; c < bs->ncols; c++) {
+		batch_value *v = &row[c];
+		v->type = sqlite3_column_type(stmt, c);
+		if (v->type == SQLITE_INTEGER) {
+			v->i = sqlite3_column_int64(stmt, c);
+		} else if (v->type == SQLITE_FLOAT) {
+			v->d = sqlite3_column_double(stmt, c);
+		} else if (v->type == SQLITE_TEXT || v->type == SQLITE_BLOB) {
+			const void *p = v->type == SQLITE_TEXT ? (const void *)sqlite3_column_text(stmt, c)
+							       : sqlite3_column_blob(stmt, c);
+			char *copy;
+			v->n = (size_t)sqlite3_column_bytes(stmt, c);
+			copy = malloc(v->n + 1);
+			if (copy == NULL) {
+				v->type = SQLITE_NULL;
+				return SQLITE_NOMEM;
+			}
+			if (v->n > 0)
+				memcpy(copy, p, v->n);
+			copy[v->n] = '\0';
+			v->s = copy;
+		}
+	}
+	return SQLITE_OK;
+}
+
+/* Runs the job's statements on the batch connection b, or on the db's own d, in order,
+ * stopping at the first failure (j->rc). */
+static void batch_run(batch_job *j, batch_conn *b, store_db *d)
+{
+	sqlite3 *db = b ? b->db : d->db;
+	for (int i = 0; i < j->nstmts; i++) {
+		batch_stmt *bs = &j->stmts[i];
+		int own, slot, rc = SQLITE_OK, nparams;
+		sqlite3_int64 before = sqlite3_total_changes64(db);
+		sqlite3_stmt *stmt = batch_prepare(j, db, b, d, bs, i + 1, &own, &slot);
+		if (stmt == NULL)
+			return;
+		nparams = sqlite3_bind_parameter_count(stmt);
+		if (nparams != bs->nargs) {
+			char msg[96];
+			snprintf(msg, sizeof msg, "the statement has %d parameter(s) but %d value(s) were given", nparams, bs->nargs);
+			j->misuse = 1;
+			batch_fail(j, db, SQLITE_MISUSE, i + 1, msg);
+			rc = SQLITE_MISUSE;
+		}
+		for (int p = 0; rc == SQLITE_OK && p < bs->nargs; p++) {
+			batch_value *v = &bs->args[p];
+			switch (v->type) {
+			case SQLITE_INTEGER: rc = sqlite3_bind_int64(stmt, p + 1, v->i); break;
+			case SQLITE_FLOAT: rc = sqlite3_bind_double(stmt, p + 1, v->d); break;
+			case SQLITE_TEXT: rc = sqlite3_bind_text64(stmt, p + 1, v->s, v->n, SQLITE_STATIC, SQLITE_UTF8); break;
+			default: rc = sqlite3_bind_null(stmt, p + 1); break;
+			}
+			if (rc != SQLITE_OK)
+				batch_fail(j, db, rc, i + 1, NULL);
+		}
+		if (rc == SQLITE_OK) {
+			bs->ncols = sqlite3_column_count(stmt);
+			if (bs->ncols > 0) {
+				bs->names = calloc((size_t)bs->ncols, sizeof *bs->names);
+				for (int c = 0; bs->names != NULL && c < bs->ncols; c++) {
+					const char *name = sqlite3_column_name(stmt, c);
+					bs->names[c] = name ? strdup(name) : NULL;
+					if (bs->names[c] == NULL)
+						rc = SQLITE_NOMEM;
+				}
+				if (bs->names == NULL)
+					rc = SQLITE_NOMEM;
+			}
+			while (rc == SQLITE_OK && (rc = sqlite3_step(stmt)) == SQLITE_ROW)
+				rc = bs->ncols > 0 ? batch_keep_row(bs, stmt) : SQLITE_OK;
+			if (rc == SQLITE_DONE) {
+				rc = SQLITE_OK;
+				bs->changes = sqlite3_total_changes64(db) == before ? 0 : sqlite3_changes64(db);
+				bs->rowid = sqlite3_last_insert_rowid(db);
+			} else {
+				batch_fail(j, db, rc, i + 1, rc == SQLITE_NOMEM ? "out of memory" : NULL);
+			}
+		}
+		if (own) {
+			sqlite3_finalize(stmt);
+		} else if (slot >= 0) {
+			release_stmt(d, stmt, slot);
+		} else {
+			sqlite3_reset(stmt);
+			sqlite3_clear_bindings(stmt);
+		}
+		if (rc != SQLITE_OK)
+			return;
+	}
+}
+
+/* After a commit with synchronous=NORMAL: the WAL to disk, as synchronous=FULL would have
+ * synced it in the commit (its fdatasync, through SQLite's own handle of the WAL). Changing
+ * the connection's synchronous setting around the commit instead would make SQLite prepare
+ * every cached statement again. */
+static int batch_flush(batch_conn *b)
+{
+	sqlite3_file *wal = NULL;
+	int rc = sqlite3_file_control(b->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
+	if (rc == SQLITE_OK && wal != NULL && wal->pMethods != NULL)
+		return wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+	/* no WAL open (another journal mode): its commits were synced as they happened */
+	return SQLITE_OK;
+}
+
+static void batch_work(uv_work_t *req)
+{
+	batch_job *j = req->data;
+	batch_conn *b = j->conn;
+	int rc;
+	if (b->db == NULL && (rc = batch_conn_open(b)) != SQLITE_OK) {
+		batch_fail(j, b->db, rc, 0, NULL);
+		sqlite3_close_v2(b->db);
+		b->db = NULL;
+		return;
+	}
+	rc = batch_control(b, BATCH_BEGIN);
+	if (rc != SQLITE_OK) {
+		batch_fail(j, b->db, rc, 0, NULL);
+	} else {
+		batch_run(j, b, NULL);
+		if (j->rc == SQLITE_OK && (rc = batch_control(b, BATCH_COMMIT)) != SQLITE_OK)
+			batch_fail(j, b->db, rc, 0, NULL);
+		if (!sqlite3_get_autocommit(b->db))
+			batch_control(b, BATCH_ROLLBACK);
+	}
+	if (j->rc == SQLITE_OK && j->durable && b->sync_normal && (rc = batch_flush(b)) != SQLITE_OK)
+		batch_fail(j, b->db, rc, 0, (rc & 0xff) == SQLITE_IOERR ? "committed, but could not be flushed to disk" : NULL);
+	if (j->rc == SQLITE_OK)
+		j->frames = b->wal_frames;
+}
+
+static void batch_job_free(batch_job *j)
+{
+	for (int i = 0; i < j->nstmts; i++) {
+		batch_stmt *bs = &j->stmts[i];
+		for (size_t c = 0; c < bs->nrows * (size_t)bs->ncols; c++)
+			free((char *)bs->cells[c].s);
+		free(bs->cells);
+		for (int c = 0; bs->names != NULL && c < bs->ncols; c++)
+			free(bs->names[c]);
+		free(bs->names);
+	}
+	free(j->stmts);
+	free(j->values);
+	free(j->arena);
+	free(j);
+}
+
+static void push_batch_value(lua_State *L, const batch_value *v)
+{
+	switch (v->type) {
+	case SQLITE_INTEGER: lua_pushinteger(L, (lua_Integer)v->i); break;
+	case SQLITE_FLOAT: lua_pushnumber(L, (lua_Number)v->d); break;
+	case SQLITE_TEXT:
+	case SQLITE_BLOB: lua_pushlstring(L, v->s, v->n); break;
+	default: lua_pushnil(L); break;
+	}
+}
+
+/* Pushes the results (one per statement: its rows, or {changes =, rowid =}), or nil, err,
+ * code; returns how many values. */
+static int push_batch_results(lua_State *L, batch_job *j)
+{
+	if (j->rc != SQLITE_OK) {
+		lua_checkstack(L, 3);
+		lua_pushnil(L);
+		lua_pushstring(L, j->err);
+		lua_pushstring(L, primary_code_name(j->rc));
+		return 3;
+	}
+	lua_checkstack(L, 6);
+	lua_createtable(L, j->nstmts, 0);
+	for (int i = 0; i < j->nstmts; i++) {
+		batch_stmt *bs = &j->stmts[i];
+		if (bs->ncols == 0) {
+			lua_createtable(L, 0, 2);
+			lua_pushinteger(L, (lua_Integer)bs->changes);
+			lua_setfield(L, -2, "changes");
+			lua_pushinteger(L, (lua_Integer)bs->rowid);
+			lua_setfield(L, -2, "rowid");
+		} else {
+			lua_createtable(L, (int)bs->nrows, 0);
+			for (size_t r = 0; r < bs->nrows; r++) {
+				const batch_value *row = bs->cells + r * (size_t)bs->ncols;
+				lua_createtable(L, 0, bs->ncols);
+				for (int c = 0; c < bs->ncols; c++) {
+					if (row[c].type == SQLITE_NULL)
+						continue;
+					push_batch_value(L, &row[c]);
+					lua_setfield(L, -2, bs->names[c]);
+				}
+				lua_rawseti(L, -2, (lua_Integer)r + 1);
+			}
+		}
+		lua_rawseti(L, -2, i + 1);
+	}
+	return 1;
+}
+
+static void batch_cancel(ops_wait *w)
+{
+	(void)w; /* the batch runs to its end; its completion then has nobody to wake */
+}
+
+static void batch_done(uv_work_t *req, int status);
+
+/* Hands j to the thread pool, or (a batch of the connection is in flight: its task was
+ * cancelled, which let the next one in) to the end of the line after it. */
+static int batch_start(batch_job *j)
+{
+	batch_conn *b = j->conn;
+	int rc;
+	if (b->in_flight) {
+		j->next = NULL;
+		if (b->pending_tail)
+			b->pending_tail->next = j;
+		else
+			b->pending = j;
+		b->pending_tail = j;
+		return 0;
+	}
+	rc = uv_queue_work(ops_loop(), &j->req, batch_work, batch_done);
+	if (rc == 0)
+		b->in_flight = 1;
+	return rc;
+}
+
+/* Wakes j's task with its results, and lets j go. */
+static void batch_finish(batch_job *j)
+{
+	lua_State *co = ops_wait_thread(&j->w);
+	if (co != NULL)
+		ops_wait_complete(&j->w, push_batch_results(co, j));
+	luaL_unref(ops_main_state(), LUA_REGISTRYINDEX, j->db_ref);
+	batch_job_free(j);
+}
+
+static void batch_done(uv_work_t *req, int status)
+{
+	batch_job *j = req->data;
+	batch_conn *b = j->conn;
+	b->in_flight = 0;
+	if (j->rc == SQLITE_OK && j->frames >= 0 && !b->orphaned && j->owner->db != NULL)
+		j->owner->wal_frames = j->frames;
+	if (status < 0 && j->rc == SQLITE_OK) {
+		j->rc = SQLITE_ERROR;
+		snprintf(j->err, sizeof j->err, "SQLITE_ERROR: the batch did not run: %s", uv_strerror(status));
+	}
+	batch_finish(j);
+	while (b->pending != NULL) {
+		batch_job *next = b->pending;
+		int rc;
+		b->pending = next->next;
+		if (b->pending == NULL)
+			b->pending_tail = NULL;
+		if ((rc = batch_start(next)) == 0)
+			return;
+		next->rc = SQLITE_ERROR;
+		snprintf(next->err, sizeof next->err, "SQLITE_ERROR: the batch did not run: %s", uv_strerror(rc));
+		batch_finish(next);
+	}
+	if (b->orphaned)
+		batch_conn_close(b);
+}
+
+/* Reads the statements at index 1 into j; raises on misuse. */
+static void batch_read(lua_State *L, batch_job *j)
+{
+	size_t arena = 0, nvalues = 0, used = 0;
+	int n = (int)lua_rawlen(L, 1);
+	luaL_argcheck(L, n > 0, 1, "a batch is a non-empty array of {sql, arg, ...}");
+	for (int pass = 0; pass < 2; pass++) {
+		size_t vi = 0;
+		if (pass == 1) {
+			j->stmts = calloc((size_t)n, sizeof *j->stmts);
+			j->values = calloc(nvalues ? nvalues : 1, sizeof *j->values);
+			j->arena = malloc(arena ? arena : 1);
+			if (j->stmts == NULL || j->values == NULL || j->arena == NULL)
+				luaL_error(L, "out of memory");
+			j->nstmts = n;
+		}
+		for (int i = 1; i <= n; i++) {
+			int nargs;
+			size_t len;
+			const char *sql;
+			if (lua_rawgeti(L, 1, i) != LUA_TTABLE)
+				luaL_error(L, "ops.store: batch entry %d must be a table {sql, arg, ...}, not a %s", i, luaL_typename(L, -1));
+			/* raw accesses only: no metamethod may change an entry between the passes */
+			lua_pushliteral(L, "n");
+			if (lua_rawget(L, -2) == LUA_TNUMBER) {
+				lua_Integer count = lua_tointeger(L, -1);
+				if (count < 1 || count > BATCH_MAX_ARGS + 1)
+					luaL_error(L, "ops.store: batch entry %d: n counts its SQL and its arguments (1 to %d)", i,
+						   BATCH_MAX_ARGS + 1);
+				nargs = (int)count - 1;
+			} else {
+				size_t count = lua_rawlen(L, -2);
+				if (count > BATCH_MAX_ARGS + 1)
+					luaL_error(L, "ops.store: batch entry %d: more than %d arguments", i, BATCH_MAX_ARGS);
+				nargs = (int)count - 1;
+			}
+			lua_pop(L, 1);
+			if (lua_rawgeti(L, -1, 1) != LUA_TSTRING)
+				luaL_error(L, "ops.store: batch entry %d: its first value must be the SQL text", i);
+			sql = lua_tolstring(L, -1, &len);
+			lua_pop(L, 1);
+			if (pass == 0) {
+				arena += len + 1;
+				nvalues += nargs > 0 ? (size_t)nargs : 0;
+			} else {
+				batch_stmt *bs = &j->stmts[i - 1];
+				memcpy(j->arena + used, sql, len + 1);
+				bs->sql = j->arena + used;
+				bs->sql_len = len;
+				used += len + 1;
+				bs->nargs = nargs > 0 ? nargs : 0;
+				bs->args = j->values + vi;
+			}
+			for (int a = 0; a < nargs; a++) {
+				int t = lua_rawgeti(L, -1, a + 2);
+				if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER && t != LUA_TSTRING)
+					luaL_error(L, "ops.store: batch entry %d: argument %d: cannot bind a %s", i, a + 1, luaL_typename(L, -1));
+				if (t == LUA_TSTRING) {
+					size_t vlen;
+					const char *v = lua_tolstring(L, -1, &vlen);
+					if (pass == 0) {
+						arena += vlen + 1;
+					} else {
+						batch_value *bv = &j->values[vi];
+						memcpy(j->arena + used, v, vlen + 1);
+						bv->type = SQLITE_TEXT;
+						bv->s = j->arena + used;
+						bv->n = vlen;
+						used += vlen + 1;
+					}
+				} else if (pass == 1) {
+					batch_value *bv = &j->values[vi];
+					if (t == LUA_TNIL) {
+						bv->type = SQLITE_NULL;
+					} else if (t == LUA_TBOOLEAN) {
+						bv->type = SQLITE_INTEGER;
+						bv->i = lua_toboolean(L, -1);
+					} else if (lua_isinteger(L, -1)) {
+						bv->type = SQLITE_INTEGER;
+						bv->i = (sqlite3_int64)lua_tointeger(L, -1);
+					} else {
+						bv->type = SQLITE_FLOAT;
+						bv->d = (double)lua_tonumber(L, -1);
+					}
+				}
+				if (pass == 1)
+					vi++;
+				lua_pop(L, 1);
+			}
+			lua_pop(L, 1);
+		}
+	}
+}
+
+/* batch_read under lua_pcall, so that the job can be freed when it raises */
+static int batch_read_guarded(lua_State *L)
+{
+	batch_read(L, lua_touserdata(L, lua_upvalueindex(1)));
+	return 0;
+}
+
+/* core: db:_batch(stmts, here, durable) -> results | nil, err, code | false
+ * stmts = {{sql, arg, ...}, ...} (an entry's n, if set, counts its SQL and arguments, for
+ * nil arguments). Runs them in order, in one transaction, on libuv's thread pool through
+ * a connection of the db's own, and gives one result per statement: its rows when it has
+ * result columns (SELECT, RETURNING), else {changes =, rowid =}. durable: the WAL is
+ * flushed to disk after the commit, as synchronous=FULL would have in it. With here, or for a database
+ * in memory (false without here: the caller runs them), they run on this connection,
+ * within the caller's transaction. ops.store's db:batch holds the connection's other tasks
+ * off meanwhile. */
+static int db_batch(lua_State *L)
+{
+	store_db *d = check_open_db(L, 1);
+	int here = lua_toboolean(L, 3), durable = lua_toboolean(L, 4);
+	const char *file = sqlite3_db_filename(d->db, "main");
+	batch_job *j;
+	int rc;
+	luaL_checktype(L, 2, LUA_TTABLE);
+	if (!here && (file == NULL || *file == '\0')) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	if (!here)
+		ops_check_task(L, "db:batch");
+	j = calloc(1, sizeof *j);
+	if (j == NULL)
+		return luaL_error(L, "out of memory");
+	j->db_ref = LUA_NOREF;
+	j->frames = -1;
+	j->durable = durable;
+	/* batch_read raises on misuse: under a pcall, so that the job is freed */
+	lua_pushlightuserdata(L, j);
+	lua_pushcclosure(L, batch_read_guarded, 1);
+	lua_pushvalue(L, 2);
+	if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+		batch_job_free(j);
+		return lua_error(L);
+	}
+	if (here) {
+		int nret;
+		batch_run(j, NULL, d);
+		if (j->misuse) {
+			lua_pushstring(L, j->err);
+			batch_job_free(j);
+			return lua_error(L);
+		}
+		nret = push_batch_results(L, j);
+		batch_job_free(j);
+		return nret;
+	}
+	if (d->batch == NULL) {
+		d->batch = calloc(1, sizeof *d->batch);
+		if (d->batch == NULL || (d->batch->path = strdup(file)) == NULL) {
+			free(d->batch);
+			d->batch = NULL;
+			batch_job_free(j);
+			return luaL_error(L, "out of memory");
+		}
+		d->batch->busy_ms = d->busy_ms;
+		d->batch->sync_normal = d->sync_normal;
+		d->batch->autocheckpoint = d->autocheckpoint;
+	}
+	j->owner = d;
+	j->conn = d->batch;
+	j->req.data = j;
+	j->w.cancel = batch_cancel;
+	rc = batch_start(j);
+	if (rc < 0) {
+		batch_job_free(j);
+		return push_uv_error(L, rc, "run a batch on the store");
+	}
+	lua_pushvalue(L, 1);
+	j->db_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_settop(L, 1);
+	return ops_wait_begin(L, &j->w, -1);
+}
+
 /* store.now() -> wall-clock seconds since the epoch, as a float */
 static int store_now(lua_State *L)
 {
@@ -848,6 +1569,7 @@ static const luaL_Reg db_methods[] = {
 	{"sync", db_sync},
 	{"checkpoint", db_checkpoint},
 	{"wal_frames", db_wal_frames},
+	{"_batch", db_batch},
 	{"close", db_close},
 	{NULL, NULL},
 };

@@ -179,6 +179,25 @@ describe("ops.http_server.serve", function()
       assert.are.same({"slow started", "fast answered", "slow answered"}, events)
       srv:close(1)
     end)
+
+    it("runs the next request in a task that has answered, and ignores any other wake of a waiting task", function()
+      local sched = require "ops.core.sched"
+      local tasks, seen = {}, 0
+      local srv, url = serve({handler = function(req)
+        local t = sched.current()
+        if not tasks[t] then seen = seen + 1 end
+        tasks[t] = true
+        return 200, {}, req.path
+      end})
+      for i = 1, 5 do assert.are.equal("/r" .. i, curl({url .. "/r" .. i}).stdout) end
+      assert.are.equal(1, seen) -- one request after the other: one task served them all
+      -- a stray wake (a structure of an earlier request still holding its task) changes nothing
+      for t in pairs(tasks) do sched.wake(t, "not a request") end
+      ops.sleep(0)
+      for i = 6, 8 do assert.are.equal("/r" .. i, curl({url .. "/r" .. i}).stdout) end
+      assert.are.equal(1, seen)
+      srv:close(1)
+    end)
   end)
 
   describe("handler failures", function()

@@ -65,12 +65,21 @@ describe("opsrun serve durability", function()
     for i = 1, TOTAL do ids[i] = string.format("d-%04d", i) end
     -- the SIGKILL: after KILL_AFTER answers, at a moment a deploy is in flight (an item leased)
     local accepted, leased_at_kill = 0, 0
+    -- polled every 5 ms: the server answers the 500 in a fraction of a second, and a kill
+    -- that came after the last answer would test nothing
+    local function soon(what, fn)
+      local deadline = ops.time.monotonic() + 30
+      while not fn() do
+        if ops.time.monotonic() > deadline then error("timed out waiting for " .. what, 2) end
+        ops.sleep(0.005)
+      end
+    end
     local killer = ops.spawn(function()
-      H.wait("half of the answers", function() return accepted >= KILL_AFTER end, 30)
-      H.wait("a deploy in flight", function()
+      soon("half of the answers", function() return accepted >= KILL_AFTER end)
+      soon("a deploy in flight", function()
         leased_at_kill = H.queue_counts(srv.store).leased
         return leased_at_kill > 0
-      end, 30)
+      end)
       srv.kill("SIGKILL")
     end)
     send_all(dir, srv.hook("ops"), ids, function(id, status)

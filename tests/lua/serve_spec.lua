@@ -516,6 +516,30 @@ hooks:
       assert.is_true(b.start < a[1]["end"] and a[1].start < b["end"], "targets a and b did not deploy at once")
       h.rmtree(dir)
     end)
+
+    it("hands the deploy slot to a hook waiting for it before a busy hook's next group (jobs: 1)", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format([[
+jobs: 1
+hooks:
+  a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
+  b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
+]], repo, repo), recording_env(dir, {SERVE_SLEEP = "1"}))
+      local body = H.push_body("refs/heads/main", c0, c1)
+      assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a1")))
+      H.wait("a1 to start", function() return calls(dir, "WHERE delivery = 'a1'")[1] end)
+      assert.equal(202, (H.github(srv.hook("b"), SECRET, body, "b1")))
+      assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a2")))
+      H.wait("a2 to end", function() return calls(dir, "WHERE delivery = 'a2' AND phase = 'end'")[1] end, 30)
+      srv.stop()
+      local start = {}
+      for _, r in ipairs(calls(dir, "WHERE phase = 'start'")) do start[r.delivery] = r.at end
+      assert.is_truthy(start.b1, "b1 was never deployed")
+      -- b was waiting for the slot when a1 ended: a does not keep it for a2
+      assert.is_true(start.b1 < start.a2, "a's next group went before the hook waiting for the slot")
+      h.rmtree(dir)
+    end)
   end)
 
   describe("the workers' bookkeeping", function()

@@ -688,6 +688,35 @@ describe("ops.store", function()
         assert.has_error(function() q:complete_many({ "1" }, "w2") end)
         assert.has_error(function() q:complete_many({ 1.5 }, "w2") end)
       end)
+
+      it("complete_many runs more statements and claims the worker's next items in the same transaction", function()
+        local a, b = q:enqueue("k", "a"), q:enqueue("k", "b")
+        assert(db:exec("CREATE TABLE outcome (id INTEGER PRIMARY KEY, worker TEXT)"))
+        assert.equal(2, #q:claim_many("w1", 10, { "k" }, 10))
+        local c, d = q:enqueue("k", "c"), q:enqueue("other", "d")
+        local done, lost, claimed = q:complete_many({ a, b }, "w1", {
+          { "INSERT INTO outcome SELECT id, worker FROM ops_queue WHERE state = 'done' AND worker = ?", "w1" },
+        }, { lease = 10, kinds = { "k" }, limit = 5 })
+        assert.same({ { a, b }, {} }, { done, lost })
+        assert.same({ { id = a, worker = "w1" }, { id = b, worker = "w1" } }, db:query("SELECT * FROM outcome ORDER BY id"))
+        assert.same({ c }, { claimed[1].id, claimed[2] and claimed[2].id })
+        assert.same({ "leased", "w1", 1010.0 }, { q:get(c).state, q:get(c).worker, claimed[1].lease_until })
+        assert.equal("ready", q:get(d).state)
+        -- nothing left of its kind: an empty claim; without claim, nothing is claimed
+        assert.same({}, select(3, q:complete_many({ c }, "w1", nil, { lease = 10, kinds = { "k" }, limit = 5 })))
+        assert.is_nil(select(3, q:complete_many({}, "w1")))
+        -- a statement of more that fails undoes the completion and the claim
+        local e = q:enqueue("k", "e")
+        assert.equal(e, q:claim("w1", 10, { "k" }).id)
+        local f = q:enqueue("k", "f")
+        local r, err = q:complete_many({ e }, "w1", { { "INSERT INTO outcome VALUES (?, ?)", a, "dup" } },
+          { lease = 10, kinds = { "k" }, limit = 5 })
+        assert.is_nil(r)
+        assert.matches("UNIQUE", err)
+        assert.same({ "leased", "ready" }, { q:get(e).state, q:get(f).state })
+        assert.has_error(function() q:complete_many({ e }, "w1", nil, { lease = 10, limit = 0 }) end)
+        assert.has_error(function() q:complete_many({ e }, "w1", nil, { lease = 0, limit = 1 }) end)
+      end)
     end)
 
     it("survives reopening the database", function()
@@ -829,6 +858,141 @@ describe("db:sync", function()
     local db = assert(store.open(":memory:"))
     assert.is_true(db:sync())
     db:close()
+  end)
+end)
+
+describe("db:batch", function()
+  local store = require "ops.store"
+  local path, db
+  before_each(function()
+    path = os.tmpname()
+    os.remove(path)
+    db = assert(store.open(path, {synchronous = "normal", autocheckpoint = false}))
+    assert(db:exec("CREATE TABLE t (id INTEGER PRIMARY KEY, x TEXT UNIQUE, y)"))
+  end)
+  after_each(function()
+    db:close()
+    for _, suffix in ipairs({"", "-wal", "-shm"}) do os.remove(path .. suffix) end
+  end)
+
+  it("runs the statements in order in one transaction and gives each one's rows, or its changes and rowid", function()
+    local r = assert(db:batch({
+      {"INSERT INTO t (x, y) VALUES (?, ?)", "a", 1.5},
+      {"INSERT INTO t (x, y) VALUES (?, ?)", "b", nil, n = 3},
+      {"INSERT INTO t (x) VALUES (?) ON CONFLICT DO NOTHING", "a"},
+      {"UPDATE t SET y = ? WHERE x = ? RETURNING id, x, y", true, "b"},
+      {"SELECT id, y FROM t ORDER BY id"},
+    }))
+    assert.same({changes = 1, rowid = 1}, r[1])
+    assert.same({changes = 1, rowid = 2}, r[2])
+    assert.equal(0, r[3].changes) -- the conflict inserted nothing
+    assert.same({{id = 2, x = "b", y = 1}}, r[4])
+    assert.same({{id = 1, y = 1.5}, {id = 2, y = 1}}, r[5])
+    -- another connection sees them: they were committed
+    local other = assert(store.open(path))
+    assert.equal(2, other:query("SELECT count(*) AS n FROM t")[1].n)
+    other:close()
+    -- the WAL frames of its commits are counted (autocheckpoint = false)
+    assert.is_true(db:wal_frames() > 0)
+  end)
+
+  it("stores all of them or none: a failing statement rolls back the ones before it", function()
+    local r, err, code = db:batch({
+      {"INSERT INTO t (x) VALUES (?)", "a"},
+      {"INSERT INTO t (x) VALUES (?)", "a"},
+    })
+    assert.is_nil(r)
+    assert.equal("SQLITE_CONSTRAINT", code)
+    assert.matches("^SQLITE_CONSTRAINT: UNIQUE constraint failed: t%.x %(statement 2 of the batch%)$", err)
+    assert.equal(0, db:query("SELECT count(*) AS n FROM t")[1].n)
+    -- the connection goes on working
+    assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "a"}}))
+    assert.equal(1, db:query("SELECT count(*) AS n FROM t")[1].n)
+  end)
+
+  it("raises on misuse: no statement, two in one entry, a wrong number of values, a value it cannot bind", function()
+    assert.has_error(function() db:batch("SELECT 1") end)
+    assert.has_error(function() db:batch({}) end)
+    assert.has_error(function() db:batch({{42}}) end)
+    assert.has_error(function() db:batch({{"SELECT ?", {}}}) end)
+    assert.has_error(function() db:batch({{"SELECT 1; SELECT 2"}}) end, "ops.store: SQLITE_MISUSE: each entry of a batch is one statement (statement 1 of the batch)")
+    assert.has_error(function() db:batch({{"SELECT ?, ?", 1}}) end,
+      "ops.store: SQLITE_MISUSE: the statement has 2 parameter(s) but 1 value(s) were given (statement 1 of the batch)")
+    assert.has_error(function() db:batch({{"   "}}) end)
+    -- nothing of a refused batch was kept, and the connection is free again
+    assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "z"}}))
+  end)
+
+  it("holds the connection's other tasks off while it runs on the thread pool", function()
+    local order = {}
+    local batcher = ops.spawn(function()
+      assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "first"}}))
+      order[#order + 1] = "batch"
+    end)
+    local writer = ops.spawn(function()
+      ops.sleep(0) -- the batch has started (it is on the thread pool)
+      assert(db:exec("INSERT INTO t (x) VALUES (?)", "second"))
+      order[#order + 1] = "insert"
+    end)
+    assert(batcher:wait(10))
+    assert(writer:wait(10))
+    assert.same({"batch", "insert"}, order)
+    assert.same({{x = "first"}, {x = "second"}}, db:query("SELECT x FROM t ORDER BY id"))
+  end)
+
+  it("runs inside the caller's transaction as a savepoint: rolled back with it", function()
+    local ok = pcall(db.transaction, db, function()
+      assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "inner"}}))
+      assert.equal(1, db:query("SELECT count(*) AS n FROM t")[1].n)
+      error("abort")
+    end)
+    assert.is_false(ok)
+    assert.equal(0, db:query("SELECT count(*) AS n FROM t")[1].n)
+    db:transaction(function()
+      assert.is_nil(db:batch({{"INSERT INTO t (x) VALUES (?)", "kept"}, {"INSERT INTO t (x) VALUES (?)", "kept"}}))
+      assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "kept"}}))
+    end)
+    assert.same({{x = "kept"}}, db:query("SELECT x FROM t"))
+  end)
+
+  it("with sync, commits as synchronous=FULL and leaves the connection's setting as it was", function()
+    assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "durable"}}, {sync = true}))
+    assert.equal(1, db:query("PRAGMA synchronous")[1].synchronous) -- NORMAL, as opened
+    -- run here (inside no task), the same
+    local co = coroutine.create(function() return db:batch({{"INSERT INTO t (x) VALUES (?)", "here"}}, {sync = true}) end)
+    assert.is_true((coroutine.resume(co)))
+    assert.equal(1, db:query("PRAGMA synchronous")[1].synchronous)
+    assert.equal(2, db:query("SELECT count(*) AS n FROM t")[1].n)
+    assert.has_error(function() db:batch({{"SELECT 1"}}, "sync") end)
+  end)
+
+  it("runs on the connection itself for a database in memory, and outside a task", function()
+    local mem = assert(store.open(":memory:"))
+    assert(mem:exec("CREATE TABLE m (x)"))
+    assert.same({{changes = 1, rowid = 1}, {{x = 7}}}, mem:batch({{"INSERT INTO m VALUES (?)", 7}, {"SELECT x FROM m"}}))
+    mem:close()
+    local co = coroutine.create(function() return db:batch({{"INSERT INTO t (x) VALUES (?)", "plain"}}) end)
+    local ok, r = coroutine.resume(co)
+    assert.is_true(ok)
+    assert.same({{changes = 1, rowid = 1}}, r)
+  end)
+
+  it("finishes a batch whose task was cancelled, and a db closed meanwhile frees its connection after it", function()
+    local t = ops.spawn(function() db:batch({{"INSERT INTO t (x) VALUES (?)", "cancelled"}}) end)
+    ops.sleep(0)
+    t:cancel()
+    -- the batch still runs to its end (it is committed), and the connection is usable
+    local after = ops.spawn(function() return db:batch({{"SELECT count(*) AS n FROM t"}}) end)
+    local ok, r = after:wait(10)
+    assert.is_true(ok)
+    assert.equal(1, r[1][1].n)
+    local t2 = ops.spawn(function() db:batch({{"INSERT INTO t (x) VALUES (?)", "closing"}}) end)
+    ops.sleep(0)
+    t2:cancel()
+    db:close()
+    ops.sleep(0.2) -- the batch ends on the thread pool, then its connection is closed
+    db = assert(store.open(path))
+    assert.equal(2, db:query("SELECT count(*) AS n FROM t")[1].n)
   end)
 end)
 

@@ -9,6 +9,7 @@
 
 local core = require("ops.core.store")
 local sync = require("ops.sync")
+local current_task = require("ops.core.sched").current
 
 local pack, unpack = table.pack, table.unpack
 local running = coroutine.running
@@ -217,10 +218,12 @@ local QUEUE_MIGRATIONS = {
   ]],
 }
 
-local DEFAULTS = { max_attempts = 5, backoff = 1, max_backoff = 3600 }
-
-local Queue = {}
-Queue.__index = Queue
+local function check_opts(opts, where)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("ops.store: " .. where .. ": options must be a table", 3)
+  end
+  return opts or {}
+end
 
 -- Runs fn in a transaction; database failures become nil, err, code.
 local function atomically(db, fn)
@@ -231,12 +234,62 @@ local function atomically(db, fn)
   error(r[2], 0)
 end
 
-local function check_opts(opts, where)
-  if opts ~= nil and type(opts) ~= "table" then
-    error("ops.store: " .. where .. ": options must be a table", 3)
-  end
-  return opts or {}
+-- db:batch(statements [, {sync = true}]) -> results | nil, err, code
+-- statements: an array of {sql, arg, ...} (set n = 1 + the number of arguments when one
+-- of them is nil). Runs them in order in one transaction (all or nothing) and gives one
+-- result per statement: its rows when it has result columns (SELECT, ... RETURNING), else
+-- {changes =, rowid =}. From a task, outside a transaction of its own, they run on
+-- libuv's thread pool through a connection of the db's own, so the loop goes on
+-- meanwhile; this connection's other tasks are held off as by a transaction. Inside the
+-- caller's transaction (as a savepoint), outside a task, or for a database in memory,
+-- they run here. sync: the commit is on disk when batch returns, as with
+-- synchronous=FULL, whatever the connection's setting (inside the caller's transaction,
+-- the caller's commit decides).
+local c_batch = methods._batch
+methods._batch = nil
+
+local function batch_offloaded(db, st, co, statements, durable)
+  local m = st.mutex
+  m:lock()
+  local unlock <close> = setmetatable({}, { __close = function() m:unlock(co) end })
+  return c_batch(db, statements, false, durable)
 end
+
+local function batch_here(db, statements)
+  local r, e = c_batch(db, statements, true)
+  if not r then error(e, 0) end
+  return r
+end
+
+function methods:batch(statements, opts)
+  if type(statements) ~= "table" then
+    error("ops.store: batch expects an array of {sql, arg, ...}", 2)
+  end
+  opts = check_opts(opts, "batch")
+  local durable = opts.sync == true
+  local st = state_of(self)
+  local co = running()
+  local nested = st.depth > 0 and st.mutex.owner == co
+  local results, err, code = false, nil, nil
+  if not nested and current_task() and coroutine.isyieldable() then
+    results, err, code = batch_offloaded(self, st, co, statements, durable)
+  end
+  if results == false then -- run here, as a transaction (a savepoint inside the caller's)
+    local level = durable and not nested and must(c_query(self, "PRAGMA synchronous"))[1].synchronous
+    if level then must(c_exec(self, "PRAGMA synchronous=FULL")) end
+    local restore <close> = level and setmetatable({}, { __close = function()
+      c_exec(self, string.format("PRAGMA synchronous=%d", level))
+    end }) or nil
+    results, err, code = atomically(self, function() return batch_here(self, statements) end)
+  end
+  if code == "SQLITE_MISUSE" then error("ops.store: " .. err, 2) end
+  return results, err, code
+end
+
+local DEFAULTS = { max_attempts = 5, backoff = 1, max_backoff = 3600 }
+
+local Queue = {}
+Queue.__index = Queue
 
 -- db:queue(name [, opts]) -> queue | nil, err, code
 -- opts: now (clock function, float seconds), max_attempts, backoff, max_backoff.
@@ -291,36 +344,46 @@ function Queue:enqueue(kind, payload, opts)
   return rows[1].id, "duplicate"
 end
 
--- q:enqueue_many(entries) -> count | nil, err, code
+-- q:enqueue_many(entries [, {sync = true}]) -> count | nil, err, code
 -- entries: an array of {kind =, payload =, key =}; sets each entry's id and outcome
--- ("queued" or "duplicate"), as enqueue would. All or nothing: one transaction (a savepoint
--- inside the caller's), one INSERT per entry, and a SELECT only for a duplicate key.
-function Queue:enqueue_many(entries)
+-- ("queued" or "duplicate"), as enqueue would. All or nothing: one db:batch (on the thread
+-- pool from a task; a savepoint inside the caller's transaction) of one INSERT per entry;
+-- then, for an entry whose key was taken (a redelivery: rare), the id of the item that has
+-- it, read once the entries are stored. sync: as db:batch's (on disk when it returns).
+function Queue:enqueue_many(entries, opts)
   if type(entries) ~= "table" then error("ops.store: enqueue_many: entries must be an array", 2) end
-  for i = 1, #entries do
+  local n = #entries
+  for i = 1, n do
     local e = entries[i]
     if type(e) ~= "table" or type(e.kind) ~= "string" or type(e.payload) ~= "string"
       or (e.key ~= nil and type(e.key) ~= "string") then
       error("ops.store: enqueue_many: entry " .. i .. " needs a string kind and payload (and a string key or none)", 2)
     end
   end
-  local name = self.name
-  return atomically(self.db, function(db)
-    local now = self.now()
-    for i = 1, #entries do
-      local e = entries[i]
-      local changes, id = c_exec(db, ENQUEUE_SQL, name, e.kind, e.payload, e.key, now, now, now)
-      if changes == nil then error(id, 0) end
-      if changes == 1 then
-        e.id, e.outcome = id, "queued"
-      else
-        local row = must(c_query(db, DUPLICATE_SQL, name, e.key))[1]
-        if not row then error("SQLITE_CONSTRAINT: enqueue was refused by the database", 0) end
-        e.id, e.outcome = row.id, "duplicate"
+  if n == 0 then return 0 end
+  local name, now = self.name, self.now()
+  local statements = {}
+  for i = 1, n do
+    local e = entries[i]
+    statements[i] = { ENQUEUE_SQL, name, e.kind, e.payload, e.key, now, now, now, n = 8 }
+  end
+  local results, err, code = self.db:batch(statements, opts)
+  if not results then return nil, err, code end
+  for i = 1, n do
+    local e, inserted = entries[i], results[i]
+    if inserted.changes == 1 then
+      e.id, e.outcome = inserted.rowid, "queued"
+    else
+      -- the item holding the key is stored (before this call, or by an earlier entry)
+      local rows, qerr, qcode = self.db:query(DUPLICATE_SQL, name, e.key)
+      if not rows then return nil, qerr, qcode end
+      if not rows[1] then
+        return nil, "SQLITE_CONSTRAINT: enqueue was refused by the database", "SQLITE_CONSTRAINT"
       end
+      e.id, e.outcome = rows[1].id, "duplicate"
     end
-    return #entries
-  end)
+  end
+  return n
 end
 
 local function claim_args(where, worker, lease_seconds, kinds)
@@ -338,29 +401,33 @@ end
 
 -- A lease that expired after the last allowed attempt dead-letters the item instead of
 -- handing a poison item out forever.
-local function dead_letter_expired(q, db, now)
-  must(c_exec(db, "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
-    .. "last_error = 'lease expired after the last attempt' "
-    .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?",
-    now, q.name, now, q.max_attempts))
-end
+local DEAD_LETTER_SQL = "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
+  .. "last_error = 'lease expired after the last attempt' "
+  .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?"
 
--- Leases up to limit items due now (oldest available first) in one statement; in id order.
-local function lease(q, worker, lease_seconds, filter, kind_params, limit)
+-- The statements that lease up to limit items due now (oldest available first), after
+-- the dead-lettering; the second one's rows are the items.
+local function lease_statements(q, worker, lease_seconds, filter, kind_params, limit)
   local sql = "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
     .. "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM ops_queue "
     .. "WHERE queue = ? AND available_at <= ?" .. filter .. " ORDER BY available_at, id LIMIT ?) "
     .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until"
-  return atomically(q.db, function(db)
-    local now = q.now()
-    dead_letter_expired(q, db, now)
-    local params = { worker, now + lease_seconds, now, q.name, now }
-    for i = 1, #kind_params do params[#params + 1] = kind_params[i] end
-    params[#params + 1] = limit
-    local items = must(c_query(db, sql, unpack(params)))
-    table.sort(items, function(a, b) return a.id < b.id end)
-    return items
-  end)
+  local now = q.now()
+  local claim = { sql, worker, now + lease_seconds, now, q.name, now }
+  for i = 1, #kind_params do claim[#claim + 1] = kind_params[i] end
+  claim[#claim + 1] = limit
+  return { DEAD_LETTER_SQL, now, q.name, now, q.max_attempts }, claim
+end
+
+local function by_id(a, b) return a.id < b.id end
+
+-- Leases up to limit items in one db:batch; in id order.
+local function lease(q, worker, lease_seconds, filter, kind_params, limit)
+  local results, err, code = q.db:batch({ lease_statements(q, worker, lease_seconds, filter, kind_params, limit) })
+  if not results then return nil, err, code end
+  local items = results[2]
+  table.sort(items, by_id)
+  return items
 end
 
 -- q:claim(worker, lease_seconds [, kinds]) -> item | nil (empty) | nil, err, code
@@ -394,26 +461,48 @@ function Queue:complete(id, worker)
   return true
 end
 
--- q:complete_many(ids, worker) -> done, lost | nil, err, code
+-- q:complete_many(ids, worker [, more [, claim]]) -> done, lost, claimed | nil, err, code
 -- Marks done, in one statement, every item of ids that worker still holds. done: the ids
 -- completed, lost: those whose lease was lost (each id is in one of them), both in the
--- order of ids.
-function Queue:complete_many(ids, worker)
+-- order of ids. more: statements (as db:batch takes them) run after it in the same
+-- transaction (one db:batch: on the thread pool from a task), e.g. the outcomes of the
+-- items done; an item this call completed is then state 'done' with worker = worker.
+-- claim = {lease =, kinds =, limit =}: then, in the same transaction, leases the worker's
+-- next items as claim_many(worker, lease, kinds, limit) would: claimed.
+function Queue:complete_many(ids, worker, more, claim)
   if type(ids) ~= "table" then error("ops.store: complete_many: ids must be an array of integers", 2) end
   if type(worker) ~= "string" then error("ops.store: complete_many: worker must be a string", 2) end
+  if more ~= nil and type(more) ~= "table" then error("ops.store: complete_many: more must be an array of statements", 2) end
   for i = 1, #ids do
     if math.type(ids[i]) ~= "integer" then
       error("ops.store: complete_many: ids must be an array of integers", 2)
     end
   end
-  if #ids == 0 then return {}, {} end
+  local filter, kind_params
+  if claim ~= nil then
+    if type(claim) ~= "table" then error("ops.store: complete_many: claim must be a table {lease =, kinds =, limit =}", 2) end
+    filter, kind_params = claim_args("complete_many", worker, claim.lease, claim.kinds)
+    if math.type(claim.limit) ~= "integer" or claim.limit <= 0 then
+      error("ops.store: complete_many: claim.limit must be a positive integer", 2)
+    end
+  end
+  if #ids == 0 and not claim then return {}, {} end
   -- the ids go in as one JSON array of integers (checked above), read by json_each
-  local rows, err, code = self.db:query(
+  local statements = { {
     "UPDATE ops_queue SET state = 'done', available_at = NULL, updated_at = ? "
       .. "WHERE id IN (SELECT value FROM json_each(?)) AND queue = ? AND state = 'leased' AND worker = ? "
       .. "RETURNING id",
-    self.now(), "[" .. table.concat(ids, ",") .. "]", self.name, worker)
-  if not rows then return nil, err, code end
+    self.now(), "[" .. table.concat(ids, ",") .. "]", self.name, worker,
+  } }
+  for i = 1, more and #more or 0 do statements[i + 1] = more[i] end
+  if claim then
+    local dead, lease_next = lease_statements(self, worker, claim.lease, filter, kind_params, claim.limit)
+    statements[#statements + 1] = dead
+    statements[#statements + 1] = lease_next
+  end
+  local results, err, code = self.db:batch(statements)
+  if not results then return nil, err, code end
+  local rows = results[1]
   local got = {}
   for i = 1, #rows do got[rows[i].id] = true end
   local done, lost = {}, {}
@@ -421,7 +510,9 @@ function Queue:complete_many(ids, worker)
     local id = ids[i]
     if got[id] then done[#done + 1] = id else lost[#lost + 1] = id end
   end
-  return done, lost
+  local claimed = claim and results[#statements] or nil
+  if claimed then table.sort(claimed, by_id) end
+  return done, lost, claimed
 end
 
 -- q:extend(id, worker, lease_seconds) -> lease_until | false, "lease lost" | nil, err, code

@@ -42,24 +42,40 @@ serve.MIGRATIONS = {
 
 serve.DURATION_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600}
 
--- A counting semaphore for tasks: at most n holders.
+-- A counting semaphore for tasks: at most n holders, served in the order they came. A
+-- release hands the slot straight to the first task waiting, so a holder that releases and
+-- acquires again at once (a busy hook's worker) goes behind the others, not ahead of them.
 local function semaphore(n)
   local s = {free = n, waiting = {}}
   function s:acquire()
-    while self.free == 0 do
-      local t = sched.current()
-      self.waiting[#self.waiting + 1] = t
-      sched.suspend()
-      for i, w in ipairs(self.waiting) do -- woken by something else: leave the line
-        if w == t then table.remove(self.waiting, i) break end
-      end
+    if self.free > 0 and #self.waiting == 0 then
+      self.free = self.free - 1
+      return
     end
-    self.free = self.free - 1
+    local me = {task = sched.current()}
+    self.waiting[#self.waiting + 1] = me
+    -- raised out or cancelled while waiting: leave the line, or pass on a slot handed over
+    local line <close> = setmetatable({}, {__close = function()
+      if me.done then return end
+      if me.granted then
+        self:release()
+      else
+        for i, w in ipairs(self.waiting) do
+          if w == me then table.remove(self.waiting, i) break end
+        end
+      end
+    end})
+    while not me.granted do sched.suspend() end -- any other wake: wait on
+    me.done = true
   end
   function s:release()
-    self.free = self.free + 1
-    local t = table.remove(self.waiting, 1)
-    if t then sched.wake(t) end
+    local w = table.remove(self.waiting, 1)
+    if w then
+      w.granted = true
+      sched.wake(w.task)
+    else
+      self.free = self.free + 1
+    end
   end
   return s
 end
@@ -305,27 +321,19 @@ local function checkpointer(ctx)
 end
 
 -- Group commit: handlers hand their delivery to one writer task, which commits whatever
--- has gathered in one transaction, flushes the WAL to disk (db:sync, on libuv's thread
--- pool: one fdatasync for many deliveries, and the loop is never blocked on it) and then
--- wakes each handler with its id. A handler answers only after that flush.
+-- has gathered in one transaction, durably (db:batch with sync: on libuv's thread pool, a
+-- commit with synchronous=FULL, so the WAL is on disk when it ends: one fdatasync for many
+-- deliveries, and the loop goes on receiving meanwhile), and then wakes each handler with
+-- its id. A handler answers only after that.
 local function delivery_writer(ctx)
   local pending, idle = {}, nil
   local checkpoint = checkpointer(ctx)
   local function commit(batch)
-    local ok, err = pcall(ctx.db.transaction, ctx.db, function()
-      local n, eerr = ctx.queue:enqueue_many(batch)
-      if not n then error(eerr, 0) end
-    end)
-    if ok then
-      -- the commit skipped its fsync (synchronous=NORMAL); flush the WAL on the thread
-      -- pool, so receiving goes on meanwhile and the next batch gathers
-      local synced, serr = ctx.db:sync()
-      if not synced then ok, err = false, serr end
-    end
-    ctx.store_error = not ok and tostring(err) or nil
+    local n, err = ctx.queue:enqueue_many(batch, {sync = true})
+    ctx.store_error = not n and tostring(err) or nil
     local queued, first, last, hooks = 0, nil, nil, {}
     for _, e in ipairs(batch) do
-      if not ok then
+      if not n then
         e.id, e.outcome = nil, tostring(err)
       elseif e.outcome == "queued" then
         queued = queued + 1
@@ -335,13 +343,13 @@ local function delivery_writer(ctx)
       e.done = true
       sched.wake(e.task)
     end
-    -- one line per batch (a batch is every delivery that arrived during the last flush);
+    -- one line per batch (a batch is every delivery that arrived during the last commit);
     -- each delivery has its own line at debug level, duplicates and failures at info/error
     if queued > 0 then
       log.info(queued == 1 and "1 delivery queued" or (queued .. " deliveries queued"),
         {hooks = table.concat(sorted_keys(hooks), ","), ids = first == last and first or (first .. "-" .. last)})
     end
-    if ok then checkpoint() end
+    if n then checkpoint() end
   end
   ctx.writer = ops.spawn(function()
     while true do
@@ -443,8 +451,8 @@ end
 
 --- serve.start(settings) -> ctx : listens, starts one worker loop per hook, returns at once
 function serve.start(settings)
-  -- synchronous=NORMAL: commits do not fsync on the loop; deliveries are made durable by
-  -- the writer's db:sync before they are acknowledged. Worker bookkeeping (claims,
+  -- synchronous=NORMAL: commits do not fsync; deliveries are committed durably by the
+  -- writer (db:batch with sync) before they are acknowledged. Worker bookkeeping (claims,
   -- outcomes) may lose its last lines in a power cut: a delivery then runs again.
   local db = history.open(settings.store, {synchronous = "normal", autocheckpoint = false})
   local mok, merr = db:migrate(serve.MIGRATIONS, {component = "ops.serve"})
@@ -458,17 +466,27 @@ function serve.start(settings)
   ctx.me = string.format("%s:%d:%s", sys.hostname(), sys.pid(), ctx.nonce)
   ctx.notify = notifier(ctx)
   ctx.store_delivery = delivery_writer(ctx)
+  -- A wake while the worker is not waiting (it is claiming: a claim that began before a
+  -- delivery was committed does not see it) is kept, and its next wait returns at once.
+  local woken = {}
   function ctx.wake(name)
     local t = ctx.waiting[name]
     if t then
       ctx.waiting[name] = nil
       sched.wake(t)
+    else
+      woken[name] = true
     end
   end
   function ctx.wait_for_work(name)
+    if woken[name] then
+      woken[name] = nil
+      return
+    end
     ctx.waiting[name] = sched.current()
     sched.suspend(5) -- a delivery wakes it; backoff retries become due on their own
     ctx.waiting[name] = nil
+    woken[name] = nil
   end
   --- the environment of programs the workers start: without the hooks' secrets
   function ctx.child_env(extra)
@@ -486,31 +504,31 @@ function serve.start(settings)
     local row = ctx.db:query("SELECT commit_id FROM serve_targets WHERE hook = ?", name)[1]
     return row and row.commit_id
   end
-  --- marks the items done and records their outcome, in one transaction of two statements
-  --- (one UPDATE for the group, one INSERT ... SELECT of the outcomes of those it still held)
-  function ctx.finish(hook, me, items, status, run_id, target)
+  --- marks the items done and records their outcome, in one transaction (a db:batch, on the
+  --- thread pool) of the UPDATE for the group, an INSERT ... SELECT of the outcomes of those it
+  --- still held (done by this worker), and the hook's last commit; with claim (as
+  --- q:complete_many takes it), claims the worker's next group in it too, and returns it
+  function ctx.finish(hook, me, items, status, run_id, target, claim)
     local now = time.now()
     local ids = {}
     for i, it in ipairs(items) do ids[i] = it.id end
-    ctx.db:transaction(function()
-      local done, lost = ctx.queue:complete_many(ids, me)
-      if not done then error(lost, 0) end
-      for _, id in ipairs(lost) do
-        log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = id})
-      end
-      if #done > 0 then
-        -- the delivery id is read from the stored payload by SQLite (json_extract), not decoded in Lua
-        assert(ctx.db:exec("INSERT OR REPLACE INTO serve_outcomes (id, hook, delivery, commit_id, status, run_id, finished) "
-          .. "SELECT id, ?, json_extract(payload, '$.delivery'), ?, ?, ?, ? FROM ops_queue "
-          .. "WHERE id IN (SELECT value FROM json_each(?))",
-          hook.name, target, status, run_id, now, "[" .. table.concat(done, ",") .. "]"))
-      end
-      if target then
-        assert(ctx.db:exec("INSERT INTO serve_targets (hook, commit_id, at) VALUES (?, ?, ?) "
-          .. "ON CONFLICT (hook) DO UPDATE SET commit_id = excluded.commit_id, at = excluded.at", hook.name, target, now))
-      end
-    end)
+    local idlist = "[" .. table.concat(ids, ",") .. "]"
+    -- the delivery id is read from the stored payload by SQLite (json_extract), not decoded in Lua
+    local more = {{"INSERT OR REPLACE INTO serve_outcomes (id, hook, delivery, commit_id, status, run_id, finished) "
+      .. "SELECT id, ?, json_extract(payload, '$.delivery'), ?, ?, ?, ? FROM ops_queue "
+      .. "WHERE id IN (SELECT value FROM json_each(?)) AND state = 'done' AND worker = ?",
+      hook.name, target, status, run_id, now, idlist, me, n = 8}}
+    if target then
+      more[2] = {"INSERT INTO serve_targets (hook, commit_id, at) VALUES (?, ?, ?) "
+        .. "ON CONFLICT (hook) DO UPDATE SET commit_id = excluded.commit_id, at = excluded.at", hook.name, target, now}
+    end
+    local done, lost, claimed = ctx.queue:complete_many(ids, me, more, claim)
+    if not done then error(lost, 0) end
+    for _, id in ipairs(lost) do
+      log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = id})
+    end
     ctx.metrics.push(status, #items)
+    return claimed
   end
   resume_dead(ctx)
   purge(ctx)

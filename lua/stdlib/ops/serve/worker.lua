@@ -17,10 +17,10 @@
 local ops = require "ops"
 local fs = require "ops.fs"
 local log = require "ops.log"
-local json = require "ops.json"
 local time = require "ops.time"
 local failure = require "ops.deploy.failure"
 local git = require "ops.serve.git"
+local verify = require "ops.serve.verify"
 
 local worker = {}
 
@@ -113,7 +113,7 @@ end
 function worker.process(ctx, hook, items)
   local pushes, deliveries = {}, {}
   for _, it in ipairs(items) do
-    local p = json.decode(it.payload)
+    local p = verify.decode_json(it.payload) -- stored by the receiver: JSON of strings and booleans
     pushes[#pushes + 1] = p
     deliveries[#deliveries + 1] = p.delivery
   end
@@ -187,19 +187,29 @@ end
 function worker.loop(ctx, name)
   local me = ctx.me .. ":" .. name
   local kind = "push:" .. name
+  -- the next group, claimed in the transaction that completed the last one; the slot it
+  -- was deployed in is kept for it (only when no other hook was waiting for a slot)
+  local ahead = nil
+  local guard <close> = setmetatable({}, {__close = function()
+    if ahead then ahead = nil; ctx.slots:release() end -- leased: handed back by serve.stop, or its lease runs out
+  end})
   while not ctx.stopping do
     local hook = ctx.settings.hooks[name]
     if not hook then return end
-    ctx.slots:acquire()
+    local items, claim_err = ahead, nil
+    ahead = nil
+    if not items then ctx.slots:acquire() end
     local released = false
     local function release()
       if not released then released = true; ctx.slots:release() end
     end
-    local guard <close> = setmetatable({}, {__close = release})
+    local slot <close> = setmetatable({}, {__close = release})
     -- the whole group in one statement (one transaction), in id order
-    local items, claim_err = {}, nil
-    if not ctx.stopping then
-      items, claim_err = ctx.queue:claim_many(me, ctx.settings.lease, {kind}, worker.MAX_GROUP)
+    if not items then
+      items = {}
+      if not ctx.stopping then
+        items, claim_err = ctx.queue:claim_many(me, ctx.settings.lease, {kind}, worker.MAX_GROUP)
+      end
     end
     if not items then
       items = {}
@@ -216,10 +226,16 @@ function worker.loop(ctx, name)
         return worker.process(ctx, hook, items)
       end)
       ctx.busy[name] = nil
-      release()
       if ok then
-        ctx.finish(hook, me, items, status, run_id, target)
+        local again = not ctx.stopping and #ctx.slots.waiting == 0
+          and {lease = ctx.settings.lease, kinds = {kind}, limit = worker.MAX_GROUP} or nil
+        local nxt = ctx.finish(hook, me, items, status, run_id, target, again)
+        if nxt and #nxt > 0 then
+          ahead = nxt
+          released = true -- the slot goes on to the next group
+        end
       else
+        release()
         local msg = failure.message(status)
         log.error("a push could not be deployed: " .. msg .. " (tried again later)", {hook = name})
         for _, it in ipairs(items) do ctx.queue:fail(it.id, me, msg) end
