@@ -480,16 +480,21 @@ hooks:
   end)
 
   describe("serialising and coalescing", function()
-    it("never overlaps two deploys of one target, overlaps different targets, and coalesces what waits", function()
+    -- a server with hooks a and b on one repo, whose deploys take a second; -> dir, srv, body
+    local function two_hooks(jobs)
       local dir = h.tmpdir()
       local repo, c0, c1 = small_repo(dir)
       local srv = H.server(dir, string.format([[
-jobs: 2
+jobs: %d
 hooks:
   a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
   b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-]], repo, repo), recording_env(dir, {SERVE_SLEEP = "1"}))
-      local body = H.push_body("refs/heads/main", c0, c1)
+]], jobs, repo, repo), recording_env(dir, {SERVE_SLEEP = "1"}))
+      return dir, srv, H.push_body("refs/heads/main", c0, c1)
+    end
+
+    it("never overlaps two deploys of one target, overlaps different targets, and coalesces what waits", function()
+      local dir, srv, body = two_hooks(2)
       assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a1")))
       assert.equal(202, (H.github(srv.hook("b"), SECRET, body, "b1")))
       H.wait("a1 to start", function() return calls(dir, "WHERE delivery = 'a1'")[1] end)
@@ -518,15 +523,7 @@ hooks:
     end)
 
     it("hands the deploy slot to a hook waiting for it before a busy hook's next group (jobs: 1)", function()
-      local dir = h.tmpdir()
-      local repo, c0, c1 = small_repo(dir)
-      local srv = H.server(dir, string.format([[
-jobs: 1
-hooks:
-  a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-  b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-]], repo, repo), recording_env(dir, {SERVE_SLEEP = "1"}))
-      local body = H.push_body("refs/heads/main", c0, c1)
+      local dir, srv, body = two_hooks(1)
       assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a1")))
       H.wait("a1 to start", function() return calls(dir, "WHERE delivery = 'a1'")[1] end)
       assert.equal(202, (H.github(srv.hook("b"), SECRET, body, "b1")))
