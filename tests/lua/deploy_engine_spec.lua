@@ -796,10 +796,11 @@ end)
 -- ---------------------------------------------------------------------------------------
 
 describe("locks", function()
-  it("refuses a second deploy of an environment while the first runs, naming the holder's pid", function()
-    local release = base .. "/release-lock"
+  -- A deploy of a/terraform from repo, started in the background and held in its step
+  -- (its before hook) until the file `release` exists; returns once the step has started.
+  local function held_deploy(repo, release)
     reset_events()
-    local first = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", graph(), "--env", "a", "--only", "a/terraform"}, {
+    local first = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", repo, "--env", "a", "--only", "a/terraform"}, {
       env = {OPSRUN_STORE = store, EVENTS = base .. "/events", WAIT_FOR = release, NO_COLOR = "1",
         BITOPS_ENVIRONMENT = false, ENVIRONMENT = false},
       stdout = "capture", stderr = "capture",
@@ -809,6 +810,12 @@ describe("locks", function()
       ops.sleep(0.05)
     end
     assert.is_truthy(index_of(events(), "start a/terraform"), "the first deploy did not start")
+    return first
+  end
+
+  it("refuses a second deploy of an environment while the first runs, naming the holder's pid", function()
+    local release = base .. "/release-lock"
+    local first = held_deploy(graph(), release)
     local second = deploy(graph(), {"--env", "a", "--only", "a/terraform"})
     h.write(release, "")
     local r1 = first:wait()
@@ -824,17 +831,7 @@ describe("locks", function()
     for _, c in ipairs({"one", "two"}) do
       assert(ops.proc.run({"git", "clone", "-q", graph(), clones .. "/" .. c}).ok)
     end
-    reset_events()
-    local first = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", clones .. "/one", "--env", "a", "--only", "a/terraform"}, {
-      env = {OPSRUN_STORE = store, EVENTS = base .. "/events", WAIT_FOR = release, NO_COLOR = "1",
-        BITOPS_ENVIRONMENT = false, ENVIRONMENT = false},
-      stdout = "capture", stderr = "capture",
-    }))
-    for _ = 1, 300 do
-      if index_of(events(), "start a/terraform") then break end
-      ops.sleep(0.05)
-    end
-    assert.is_truthy(index_of(events(), "start a/terraform"), "the first deploy did not start")
+    local first = held_deploy(clones .. "/one", release)
     local second = deploy(clones .. "/two", {"--env", "a", "--only", "a/terraform"})
     h.write(release, "")
     local r1 = first:wait()
