@@ -84,7 +84,7 @@ static fs_resource *resource_new(lua_State *L)
 
 /* ---- errors ---- */
 
-static int push_fail(lua_State *L, const char *code, const char *what, const char *subject)
+int ops_fs_push_fail(lua_State *L, const char *code, const char *what, const char *subject)
 {
 	lua_pushnil(L);
 	lua_pushfstring(L, "%s: %s: %s", code, what, subject);
@@ -93,7 +93,7 @@ static int push_fail(lua_State *L, const char *code, const char *what, const cha
 }
 
 /* nil, "ENOENT: no such file or directory: /x/y", "ENOENT" */
-static int push_errno(lua_State *L, int err, const char *subject)
+int ops_fs_push_errno(lua_State *L, int err, const char *subject)
 {
 	const char *code = strerrorname_np(err);
 	const char *desc = strerrordesc_np(err);
@@ -101,7 +101,7 @@ static int push_errno(lua_State *L, int err, const char *subject)
 
 	snprintf(what, sizeof what, "%s", desc ? desc : "unknown error");
 	what[0] = (char)tolower((unsigned char)what[0]);
-	return push_fail(L, code ? code : "EUNKNOWN", what, subject);
+	return ops_fs_push_fail(L, code ? code : "EUNKNOWN", what, subject);
 }
 
 /* ---- arguments ---- */
@@ -187,7 +187,7 @@ static int fs_read(lua_State *L)
 
 	r->fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (r->fd < 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	if (fstat(r->fd, &st) != 0) {
 		err = errno;
 		goto fail;
@@ -218,7 +218,7 @@ static int fs_read(lua_State *L)
 	return 1;
 fail:
 	resource_release(r);
-	return push_errno(L, err, path);
+	return ops_fs_push_errno(L, err, path);
 }
 
 static int write_file(lua_State *L, int flags)
@@ -232,7 +232,7 @@ static int write_file(lua_State *L, int flags)
 		      mode >= 0 ? (mode_t)mode : 0666);
 
 	if (fd < 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	/* An explicit mode is exact (no umask), and set before any data is in the file. */
 	if (mode >= 0 && fchmod(fd, (mode_t)mode) != 0)
 		err = errno;
@@ -241,7 +241,7 @@ static int write_file(lua_State *L, int flags)
 	if (close(fd) != 0 && !err)
 		err = errno;
 	if (err)
-		return push_errno(L, err, path);
+		return ops_fs_push_errno(L, err, path);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -281,7 +281,7 @@ static int fs_write_atomic(lua_State *L)
 	int have_old, fd = -1, dfd, err = 0;
 
 	if (dlen >= sizeof dirbuf)
-		return push_errno(L, ENAMETOOLONG, path);
+		return ops_fs_push_errno(L, ENAMETOOLONG, path);
 	memcpy(dirbuf, dir, dlen);
 	dirbuf[dlen] = '\0';
 	if (blen > TEMP_NAME_KEEP)
@@ -292,13 +292,13 @@ static int fs_write_atomic(lua_State *L)
 		int n = snprintf(tmp, sizeof tmp, "%s/.%.*s.tmp-%08x", dirbuf, (int)blen,
 				 base, temp_suffix());
 		if (n < 0 || (size_t)n >= sizeof tmp)
-			return push_errno(L, ENAMETOOLONG, path);
+			return ops_fs_push_errno(L, ENAMETOOLONG, path);
 		fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
 		if (fd < 0 && errno != EEXIST)
-			return push_errno(L, errno, path);
+			return ops_fs_push_errno(L, errno, path);
 	}
 	if (fd < 0)
-		return push_errno(L, EEXIST, tmp);
+		return ops_fs_push_errno(L, EEXIST, tmp);
 
 	/* Replacing a file keeps its owner and mode unless a mode is given. */
 	have_old = lstat(path, &old) == 0 && S_ISREG(old.st_mode);
@@ -320,18 +320,18 @@ static int fs_write_atomic(lua_State *L)
 		err = errno;
 	if (err) {
 		unlink(tmp);
-		return push_errno(L, err, path);
+		return ops_fs_push_errno(L, err, path);
 	}
 
 	/* The rename is durable only once the directory is synced. */
 	dfd = open(dirbuf, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0)
-		return push_errno(L, errno, dirbuf);
+		return ops_fs_push_errno(L, errno, dirbuf);
 	if (fsync(dfd) != 0 && errno != EINVAL)
 		err = errno;
 	close(dfd);
 	if (err)
-		return push_errno(L, err, dirbuf);
+		return ops_fs_push_errno(L, err, dirbuf);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -348,28 +348,28 @@ static int fs_copy(lua_State *L)
 
 	in = open(src, O_RDONLY | O_CLOEXEC);
 	if (in < 0)
-		return push_errno(L, errno, src);
+		return ops_fs_push_errno(L, errno, src);
 	if (fstat(in, &st) != 0) {
 		err = errno;
 		close(in);
-		return push_errno(L, err, src);
+		return ops_fs_push_errno(L, err, src);
 	}
 	if (!S_ISREG(st.st_mode)) {
 		close(in);
 		if (S_ISDIR(st.st_mode))
-			return push_errno(L, EISDIR, src);
-		return push_fail(L, "EINVAL", "not a regular file", src);
+			return ops_fs_push_errno(L, EISDIR, src);
+		return ops_fs_push_fail(L, "EINVAL", "not a regular file", src);
 	}
 	/* Opening dst with O_TRUNC would empty src first. */
 	if (stat(dst, &dst_st) == 0 && dst_st.st_dev == st.st_dev && dst_st.st_ino == st.st_ino) {
 		close(in);
-		return push_fail(L, "EINVAL", "source and destination are the same file", dst);
+		return ops_fs_push_fail(L, "EINVAL", "source and destination are the same file", dst);
 	}
 	out = open(dst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, st.st_mode & 0777);
 	if (out < 0) {
 		err = errno;
 		close(in);
-		return push_errno(L, err, dst);
+		return ops_fs_push_errno(L, err, dst);
 	}
 	if (fchmod(out, st.st_mode & 07777) != 0) {
 		err = errno;
@@ -396,7 +396,7 @@ static int fs_copy(lua_State *L)
 	}
 	if (err) {
 		unlink(dst);
-		return push_errno(L, err, culprit);
+		return ops_fs_push_errno(L, err, culprit);
 	}
 	lua_pushboolean(L, 1);
 	return 1;
@@ -412,7 +412,7 @@ static int fs_stat(lua_State *L)
 	struct stat st;
 
 	if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_createtable(L, 0, 7);
 	lua_pushstring(L, type_name(st.st_mode));
 	lua_setfield(L, -2, "type");
@@ -445,7 +445,7 @@ static int fs_exists(lua_State *L)
 		lua_pushboolean(L, 0);
 		return 1;
 	}
-	return push_errno(L, errno, path);
+	return ops_fs_push_errno(L, errno, path);
 }
 
 /* fs.is_executable(path) -> boolean | nil, err, code */
@@ -459,7 +459,7 @@ static int fs_is_executable(lua_State *L)
 			lua_pushboolean(L, 0);
 			return 1;
 		}
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	}
 	/* For root, access(X_OK) is true when any x bit is set, as execve agrees. */
 	lua_pushboolean(L, S_ISREG(st.st_mode) && access(path, X_OK) == 0);
@@ -473,7 +473,7 @@ static int fs_chmod(lua_State *L)
 	int mode = check_mode(L, 2);
 
 	if (chmod(path, (mode_t)mode) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -485,7 +485,7 @@ static int fs_realpath(lua_State *L)
 	char out[PATH_MAX];
 
 	if (!realpath(path, out))
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_pushstring(L, out);
 	return 1;
 }
@@ -498,9 +498,9 @@ static int fs_readlink(lua_State *L)
 	ssize_t n = readlink(path, out, sizeof out);
 
 	if (n < 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	if ((size_t)n >= sizeof out)
-		return push_errno(L, ENAMETOOLONG, path);
+		return ops_fs_push_errno(L, ENAMETOOLONG, path);
 	lua_pushlstring(L, out, (size_t)n);
 	return 1;
 }
@@ -512,7 +512,7 @@ static int fs_symlink(lua_State *L)
 	const char *linkpath = check_path(L, 2);
 
 	if (symlink(target, linkpath) != 0)
-		return push_errno(L, errno, linkpath);
+		return ops_fs_push_errno(L, errno, linkpath);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -525,7 +525,7 @@ static int fs_rename(lua_State *L)
 
 	if (rename(src, dst) != 0) {
 		lua_pushfstring(L, "%s -> %s", src, dst);
-		return push_errno(L, errno, lua_tostring(L, -1));
+		return ops_fs_push_errno(L, errno, lua_tostring(L, -1));
 	}
 	lua_pushboolean(L, 1);
 	return 1;
@@ -543,7 +543,7 @@ static int fs_scandir(lua_State *L)
 
 	r->dir = opendir(path);
 	if (!r->dir)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_newtable(L);
 	lua_newtable(L);
 	for (;;) {
@@ -572,7 +572,7 @@ static int fs_scandir(lua_State *L)
 				if (err == ENOENT)
 					continue; /* removed since readdir */
 				resource_release(r);
-				return push_errno(L, err, path);
+				return ops_fs_push_errno(L, err, path);
 			}
 			type = type_name(st.st_mode);
 			break;
@@ -589,7 +589,7 @@ static int fs_scandir(lua_State *L)
 	if (errno != 0) {
 		int err = errno;
 		resource_release(r);
-		return push_errno(L, err, path);
+		return ops_fs_push_errno(L, err, path);
 	}
 	resource_release(r);
 	return 2;
@@ -602,9 +602,9 @@ static int fs_mkdir(lua_State *L)
 	int mode = opt_mode(L, 2);
 
 	if (mkdir(path, mode >= 0 ? (mode_t)mode : 0777) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	if (mode >= 0 && chmod(path, (mode_t)mode) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -616,9 +616,9 @@ static int fs_remove(lua_State *L)
 	struct stat st;
 
 	if (lstat(path, &st) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	if ((S_ISDIR(st.st_mode) ? rmdir(path) : unlink(path)) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -704,24 +704,24 @@ static int fs_remove_tree(lua_State *L)
 	int fd, err;
 
 	if (lstat(path, &st) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	if (!S_ISDIR(st.st_mode)) {
 		if (unlink(path) != 0)
-			return push_errno(L, errno, path);
+			return ops_fs_push_errno(L, errno, path);
 		lua_pushboolean(L, 1);
 		return 1;
 	}
 	if (len >= sizeof buf)
-		return push_errno(L, ENAMETOOLONG, path);
+		return ops_fs_push_errno(L, ENAMETOOLONG, path);
 	memcpy(buf, path, len + 1);
 	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	err = ops_fs_remove_contents(fd, buf, len, sizeof buf);
 	if (err)
-		return push_errno(L, err, buf);
+		return ops_fs_push_errno(L, err, buf);
 	if (rmdir(path) != 0)
-		return push_errno(L, errno, path);
+		return ops_fs_push_errno(L, errno, path);
 	lua_pushboolean(L, 1);
 	return 1;
 }
@@ -735,15 +735,15 @@ static int make_temp(lua_State *L, int dir)
 	luaL_argcheck(L, len >= 6 && strcmp(template + len - 6, "XXXXXX") == 0, 1,
 		      "template must end in XXXXXX");
 	if (len >= sizeof buf)
-		return push_errno(L, ENAMETOOLONG, template);
+		return ops_fs_push_errno(L, ENAMETOOLONG, template);
 	memcpy(buf, template, len + 1);
 	if (dir) {
 		if (!mkdtemp(buf))
-			return push_errno(L, errno, template);
+			return ops_fs_push_errno(L, errno, template);
 	} else {
 		int fd = mkostemp(buf, O_CLOEXEC);
 		if (fd < 0)
-			return push_errno(L, errno, template);
+			return ops_fs_push_errno(L, errno, template);
 		close(fd);
 	}
 	lua_pushstring(L, buf);
@@ -772,11 +772,11 @@ static int fs_glob(lua_State *L)
 	r->globbed = 1;
 	if (rc == GLOB_NOSPACE) {
 		resource_release(r);
-		return push_errno(L, ENOMEM, pattern);
+		return ops_fs_push_errno(L, ENOMEM, pattern);
 	}
 	if (rc != 0 && rc != GLOB_NOMATCH) {
 		resource_release(r);
-		return push_fail(L, "EIO", "read error while matching", pattern);
+		return ops_fs_push_fail(L, "EIO", "read error while matching", pattern);
 	}
 	lua_createtable(L, rc == 0 ? (int)r->g.gl_pathc : 0, 0);
 	for (size_t i = 0; rc == 0 && i < r->g.gl_pathc; i++) {
@@ -867,8 +867,8 @@ static int fs_within(lua_State *L)
 	}
 	lua_pushfstring(L, "%s (root %s)", path, root);
 	if (rc == OPS_PATH_EOUTSIDE)
-		return push_fail(L, "EOUTSIDE", "path leads outside its root", lua_tostring(L, -1));
-	return push_errno(L, rc, lua_tostring(L, -1));
+		return ops_fs_push_fail(L, "EOUTSIDE", "path leads outside its root", lua_tostring(L, -1));
+	return ops_fs_push_errno(L, rc, lua_tostring(L, -1));
 }
 
 static const luaL_Reg fs_funcs[] = {

@@ -14,7 +14,6 @@
  */
 #define _GNU_SOURCE
 
-#include <ctype.h>
 #include <dirent.h>
 #include <stddef.h>
 #include <errno.h>
@@ -491,17 +490,12 @@ static void sync_done(uv_work_t *req, int status)
 			lua_pushstring(co, uv_err_name(status));
 			ops_wait_complete(&t->w, 3);
 		} else if (t->err) {
-			/* ENOTSUP is EOPNOTSUPP's number on Linux: name it as documented */
-			const char *code = t->err == ENOTSUP ? "ENOTSUP" : strerrorname_np(t->err);
-			const char *desc = strerrordesc_np(t->err);
-			char what[128];
-			snprintf(what, sizeof what, "%s", t->err == ENOTSUP ? "not a file, directory or symlink (a fifo, socket or device)"
-						      : desc ? desc : "unknown error");
-			what[0] = (char)tolower((unsigned char)what[0]);
-			lua_pushnil(co);
-			lua_pushfstring(co, "%s: %s: %s%s", code ? code : "EUNKNOWN", what, t->side, t->rel);
-			lua_pushstring(co, code ? code : "EUNKNOWN");
-			ops_wait_complete(&t->w, 3);
+			char subject[2 * PATH_MAX];
+			snprintf(subject, sizeof subject, "%s%s", t->side, t->rel);
+			/* ENOTSUP is EOPNOTSUPP's number on Linux: named as documented */
+			ops_wait_complete(&t->w, t->err == ENOTSUP
+				? ops_fs_push_fail(co, "ENOTSUP", "not a file, directory or symlink (a fifo, socket or device)", subject)
+				: ops_fs_push_errno(co, t->err, subject));
 		} else {
 			lua_createtable(co, 0, 3);
 			lua_pushinteger(co, t->copied);
