@@ -565,9 +565,11 @@ echo "left by a run" > leftover.txt
   it("copies afresh with OPSRUN_KEEP_COPIES=0, leaving the kept copy alone", function()
     run()
     h.write(assert(kept_env()) .. "/helm/marker", "planted\n")
-    local r = run({OPSRUN_KEEP_COPIES = "0"})
-    assert.are.equal("no", r.marker)
-    assert.is_true(fs.exists(kept_env() .. "/helm/marker"))
+    for _, off in ipairs({"0", "Off"}) do
+      local r = run({OPSRUN_KEEP_COPIES = off})
+      assert.are.equal("no", r.marker, off)
+      assert.is_true(fs.exists(kept_env() .. "/helm/marker"), off)
+    end
   end)
 
   it("does not use a folder of kept copies that others can read or that is not ours", function()

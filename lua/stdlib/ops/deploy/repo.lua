@@ -169,11 +169,12 @@ end
 --- of a no-op deploy on ext4), nothing is created.
 ---
 --- repo.kept_copies(key) -> the folder of key's kept copies, $TMPDIR/opsrun-copies-<uid>/<name>-<hash>,
---- or nil when OPSRUN_KEEP_COPIES=0 or the top folder is not a 0700 folder of ours (then
+--- or nil when OPSRUN_KEEP_COPIES is 0 (false, no, off) or the top folder is not a 0700 folder of ours (then
 --- every run copies afresh, as BitOps does). key: what names the repo (its lock scope, so
 --- that opsrun serve's checkouts of one repo share them, or its path).
 function repo.kept_copies(key)
-  if os.getenv("OPSRUN_KEEP_COPIES") == "0" then return nil end
+  local off = (os.getenv("OPSRUN_KEEP_COPIES") or ""):lower()
+  if off == "0" or off == "false" or off == "no" or off == "off" then return nil end
   local base = os.getenv("TMPDIR")
   if base == nil or base == "" then base = "/tmp" end
   local uid = sys.uid()
