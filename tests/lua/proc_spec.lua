@@ -35,6 +35,41 @@ describe("ops.proc.run", function()
     h.rmtree(dir)
   end)
 
+  it("says when a file is not a program it can run", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/notes.txt", "just some words\n", "0755") -- executable, but no #! line
+    local r, err, code = ops.proc.run({dir .. "/notes.txt"})
+    assert.is_nil(r)
+    assert.are.equal(dir .. "/notes.txt: cannot run: Exec format error", err)
+    assert.are.equal("ENOEXEC", code)
+    -- the child that could not exec was reaped: no zombie of ours is left
+    local me = tostring(ops.sys.pid())
+    for _, name in ipairs(ops.fs.list("/proc")) do
+      local stat = name:match("^%d+$") and io.open("/proc/" .. name .. "/stat")
+      if stat then
+        local line = stat:read("l") or ""
+        stat:close()
+        local state, ppid = line:match("%) (%S) (%d+)")
+        assert.is_false(ppid == me and state == "Z", "zombie child " .. name)
+      end
+    end
+    h.rmtree(dir)
+  end)
+
+  it("starts the program in a session of its own with no signal ignored or blocked", function()
+    -- opsrun ignores SIGPIPE and catches SIGCHLD; the program must not inherit either
+    local mine = io.open("/proc/self/status"):read("a")
+    local ign = tonumber(mine:match("SigIgn:%s*(%x+)"), 16)
+    assert.are_not.equal(0, ign & (1 << 12), "opsrun itself ignores SIGPIPE (signal 13)")
+    local r = ops.proc.run({"cat", "/proc/self/status", "/proc/self/stat"})
+    assert.is_true(r.ok)
+    assert.are.equal("0000000000000000", r.stdout:match("SigIgn:%s*(%x+)"))
+    assert.are.equal("0000000000000000", r.stdout:match("SigBlk:%s*(%x+)"))
+    local pid, session = r.stdout:match("\n(%d+) %(cat%) %S %d+ %d+ (%d+)")
+    assert.is_not_nil(pid)
+    assert.are.equal(pid, session)
+  end)
+
   it("refuses a working directory that does not exist", function()
     local r, err, code = ops.proc.run({"true"}, {cwd = "/no/such/dir"})
     assert.is_nil(r)
