@@ -816,7 +816,8 @@ static int fs_join(lua_State *L)
 		check_path_len(L, i, &len);
 		total += len + 1;
 	}
-	parts = lua_newuserdatauv(L, (size_t)n * sizeof *parts, 0);
+	const char *small[16]; /* the usual few parts: no userdata for the collector */
+	parts = n <= 16 ? small : lua_newuserdatauv(L, (size_t)n * sizeof *parts, 0);
 	for (int i = 1; i <= n; i++)
 		parts[i - 1] = lua_tostring(L, i);
 	out = luaL_buffinitsize(L, &b, total);

@@ -30,6 +30,21 @@ describe("config precedence", function()
       .options["stack-action"])
   end)
 
+  it("reads the process environment when no getenv is given, and sees sys.setenv's changes", function()
+    local sys = require "ops.sys"
+    local function action()
+      return config.resolve(SCHEMA, file, {tool = "terraform", where = "w", file = "f"}).options["stack-action"]
+    end
+    sys.setenv("BITOPS_TERRAFORM_STACK_ACTION", nil)
+    assert.are.equal("plan", action())
+    sys.setenv("BITOPS_TERRAFORM_STACK_ACTION", "destroy")
+    assert.are.equal("destroy", action())
+    sys.setenv("BITOPS_TERRAFORM_STACK_ACTION", "apply")
+    assert.are.equal("apply", action())
+    sys.setenv("BITOPS_TERRAFORM_STACK_ACTION", nil)
+    assert.are.equal("plan", action())
+  end)
+
   it("treats a variable set to the empty string as not set", function()
     local cfg = resolve(file, {TERRAFORM_SKIP_DEPLOY = "", BITOPS_TERRAFORM_STACK_ACTION = ""})
     assert.is_false(cfg.options["skip-deploy"])

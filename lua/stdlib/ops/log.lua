@@ -128,6 +128,9 @@ local function clock()
   return last_clock
 end
 
+local TAGS = {}
+for name in pairs(LEVELS) do TAGS[name] = string.format("%-5s", name:upper()) end
+
 local function emit(level, msg, fields)
   if LEVELS[level] < state.level then return end
   msg = log.redact(msg)
@@ -144,22 +147,25 @@ local function emit(level, msg, fields)
     end
     line = json.encode(rec) or json.encode({ts = rec.ts, level = level, msg = msg})
   else
-    local parts = {}
-    local prefix = ""
+    local prefix, tail = "", ""
     if fields then
-      local keys = {}
+      local keys
       for k in pairs(fields) do
         -- a step's lines read best with the step in front; the stream is noise to a reader
-        if k ~= "step" and k ~= "stream" then keys[#keys + 1] = tostring(k) end
+        if k ~= "step" and k ~= "stream" then
+          keys = keys or {}
+          keys[#keys + 1] = tostring(k)
+        end
       end
-      table.sort(keys)
-      for _, k in ipairs(keys) do
-        parts[#parts + 1] = k .. "=" .. log.redact(field_text(fields[k]))
+      if keys then
+        table.sort(keys)
+        local parts = {}
+        for i, k in ipairs(keys) do parts[i] = k .. "=" .. log.redact(field_text(fields[k])) end
+        tail = "  " .. table.concat(parts, " ")
       end
       if fields.step ~= nil then prefix = "[" .. log.redact(tostring(fields.step)) .. "] " end
     end
-    local tail = #parts > 0 and ("  " .. table.concat(parts, " ")) or ""
-    local tag = string.format("%-5s", level:upper())
+    local tag = TAGS[level]
     if use_colour() then tag = COLOURS[level] .. tag .. "\27[0m" end
     line = clock() .. " " .. tag .. " " .. prefix .. msg .. tail
   end
@@ -235,9 +241,12 @@ function log.with(base)
         msg = string.format(msg, fields, ...)
         fields = nil
       end
-      local all = {}
-      for k, v in pairs(base) do all[k] = v end
-      for k, v in pairs(fields or {}) do all[k] = v end
+      local all = base
+      if fields ~= nil and next(fields) ~= nil then
+        all = {}
+        for k, v in pairs(base) do all[k] = v end
+        for k, v in pairs(fields) do all[k] = v end
+      end
       emit(name, tostring(msg), all)
     end
   end

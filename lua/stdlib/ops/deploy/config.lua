@@ -4,6 +4,7 @@
 local yaml = require "ops.yaml"
 local fs = require "ops.fs"
 local failure = require "ops.deploy.failure"
+local sys = require "ops.sys"
 
 local config = {}
 
@@ -155,11 +156,13 @@ end
 --- Precedence for each key: BITOPS_<TOOL>_<KEY> > BITOPS_<EXPORT_ENV> > <EXPORT_ENV> > the file
 --- > the default. Empty variables are ignored.
 --- ctx = {tool = "terraform", where = "environment 'prod': terraform step",
----        file = "prod/terraform/bitops.config.yaml", getenv = os.getenv}
+---        file = "prod/terraform/bitops.config.yaml", getenv = function(name) ... end}
+--- (getenv defaults to the process environment, as sys.environ_view sees it)
 --- cfg has the schema's sections (cli, options, ...); exports maps export_env names to
 --- strings for hooks and tools.
 function config.resolve(schema, file_table, ctx)
-  local getenv = ctx.getenv or os.getenv
+  local getenv, env = ctx.getenv, nil
+  if not getenv then env = sys.environ_view() end -- a table lookup per name, not a scan of environ
   local exports, warnings = {}, {}
   local body = file_table or {}
   -- BitOps nests the settings under the tool's name; accept both forms
@@ -215,7 +218,8 @@ function config.resolve(schema, file_table, ctx)
     local value, why, from
     -- a variable set to "" counts as not set (CI templates pass empty ones)
     for _, name in ipairs(setting.names) do
-      local v = getenv(name)
+      local v
+      if env then v = env[name] else v = getenv(name) end
       if v ~= nil and v ~= "" then
         from = v
         break

@@ -525,13 +525,13 @@ function deploy.run(opts)
         if d.status == "pending" then
           if ok then
             remaining[d] = remaining[d] - 1
-            if remaining[d] == 0 then
-              local i = #ready
-              ready[i + 1] = d
-              while i >= 1 and position[ready[i]] > position[d] do
-                ready[i + 1], ready[i] = ready[i], d
-                i = i - 1
+            if remaining[d] == 0 then -- into its place in ready (a binary search)
+              local lo, hi, at = 1, #ready, position[d]
+              while lo <= hi do
+                local mid = (lo + hi) // 2
+                if position[ready[mid]] > at then hi = mid - 1 else lo = mid + 1 end
               end
+              table.insert(ready, lo, d)
             end
           elseif not stop and not run.interrupted then
             d.status, d.error = "not-run", "it needs " .. s.id .. ", which did not succeed"
