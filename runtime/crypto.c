@@ -12,14 +12,17 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <lua.h>
 #include <lauxlib.h>
 
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/params.h>
 #include <openssl/rand.h>
 
 #define RANDOM_MAX_BYTES (1024 * 1024)
@@ -31,7 +34,9 @@ static const char hex_digits[] = "0123456789abcdef";
 #define CRYPTO_LIBRARY "libcrypto.so.3"
 #define CRYPTO_FUNCTIONS(X) \
 	X(EVP_Digest) X(EVP_sha256) X(HMAC) X(CRYPTO_memcmp) X(RAND_bytes) X(EVP_EncodeBlock) \
-	X(EVP_DecodeBlock)
+	X(EVP_DecodeBlock) X(EVP_MAC_fetch) X(EVP_MAC_CTX_new) X(EVP_MAC_CTX_dup) X(EVP_MAC_CTX_free) \
+	X(EVP_MAC_init) X(EVP_MAC_update) X(EVP_MAC_final) X(OSSL_PARAM_construct_utf8_string) \
+	X(OSSL_PARAM_construct_end) X(OPENSSL_cleanse)
 
 /* ossl.HMAC(...) calls HMAC(...): each member has the type of its libcrypto function. */
 static struct {
@@ -135,6 +140,86 @@ static int crypto_sha256(lua_State *L)
 	return 1;
 }
 
+/*
+ * HMAC-SHA256 contexts already keyed, for the last few keys used. HMAC() looks the MAC and
+ * the digest up again (EVP_Q_mac) and hashes the key on every call: for a webhook
+ * receiver, which checks every delivery against one of a few secrets, that was most of
+ * the work. A call duplicates the keyed context and feeds its data to the copy.
+ * The keys are kept (to know them again) and wiped when their slot is taken.
+ */
+#define HMAC_KEYS 8
+
+static struct hmac_key {
+	unsigned char *key;
+	size_t len;
+	EVP_MAC_CTX *ctx; /* keyed; never fed data */
+} hmac_keys[HMAC_KEYS];
+static unsigned hmac_next;  /* the slot the next new key takes */
+static EVP_MAC *hmac_mac;
+
+static void hmac_key_clear(struct hmac_key *k)
+{
+	if (k->key != NULL) {
+		ossl.OPENSSL_cleanse(k->key, k->len);
+		free(k->key);
+	}
+	if (k->ctx != NULL)
+		ossl.EVP_MAC_CTX_free(k->ctx);
+	k->key = NULL;
+	k->len = 0;
+	k->ctx = NULL;
+}
+
+/* The keyed context for key, made on first use; NULL when OpenSSL cannot make one. */
+static EVP_MAC_CTX *hmac_keyed(const char *key, size_t klen)
+{
+	for (unsigned i = 0; i < HMAC_KEYS; i++) {
+		struct hmac_key *k = &hmac_keys[i];
+		if (k->ctx != NULL && k->len == klen && memcmp(k->key, key, klen) == 0)
+			return k->ctx;
+	}
+	if (hmac_mac == NULL && (hmac_mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL)) == NULL)
+		return NULL;
+	EVP_MAC_CTX *ctx = ossl.EVP_MAC_CTX_new(hmac_mac);
+	unsigned char *copy = malloc(klen > 0 ? klen : 1);
+	OSSL_PARAM params[2];
+	params[0] = ossl.OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
+	params[1] = ossl.OSSL_PARAM_construct_end();
+	if (ctx == NULL || copy == NULL ||
+	    !ossl.EVP_MAC_init(ctx, (const unsigned char *)key, klen, params)) {
+		if (ctx != NULL)
+			ossl.EVP_MAC_CTX_free(ctx);
+		free(copy);
+		return NULL;
+	}
+	memcpy(copy, key, klen);
+	struct hmac_key *k = &hmac_keys[hmac_next];
+	hmac_next = (hmac_next + 1) % HMAC_KEYS;
+	hmac_key_clear(k);
+	k->key = copy;
+	k->len = klen;
+	k->ctx = ctx;
+	return ctx;
+}
+
+/* HMAC-SHA256 of data into md (32 bytes) with a copy of key's keyed context; 0 on failure. */
+static int hmac_sha256_keyed(const char *key, size_t klen, const char *data, size_t n,
+			     unsigned char *md, unsigned int *mdlen)
+{
+	EVP_MAC_CTX *keyed = hmac_keyed(key, klen);
+	EVP_MAC_CTX *ctx = keyed ? ossl.EVP_MAC_CTX_dup(keyed) : NULL;
+	size_t len = 0;
+	int ok;
+
+	if (ctx == NULL)
+		return 0;
+	ok = ossl.EVP_MAC_update(ctx, (const unsigned char *)data, n) &&
+	     ossl.EVP_MAC_final(ctx, md, &len, EVP_MAX_MD_SIZE);
+	ossl.EVP_MAC_CTX_free(ctx);
+	*mdlen = (unsigned int)len;
+	return ok;
+}
+
 /* crypto.hmac_sha256(key, data [, raw]) -> hex | raw bytes */
 static int crypto_hmac_sha256(lua_State *L)
 {
@@ -148,7 +233,9 @@ static int crypto_hmac_sha256(lua_State *L)
 	luaL_argcheck(L, klen <= INT_MAX, 1, "key too long");
 	if (!ossl_load())
 		return push_unavailable(L);
-	if (!ossl.HMAC(ossl.EVP_sha256(), key, (int)klen, (const unsigned char *)data, n, md, &mdlen))
+	/* without a keyed context (OpenSSL refused one), the one-shot HMAC() */
+	if (!hmac_sha256_keyed(key, klen, data, n, md, &mdlen) &&
+	    !ossl.HMAC(ossl.EVP_sha256(), key, (int)klen, (const unsigned char *)data, n, md, &mdlen))
 		return push_crypto_error(L, "hmac_sha256");
 	push_digest(L, md, mdlen, raw);
 	return 1;

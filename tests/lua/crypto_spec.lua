@@ -34,6 +34,47 @@ describe("ops.crypto", function()
     it("returns raw bytes when raw is true", function()
       assert.equal(32, #crypto.hmac_sha256("k", "d", true))
     end)
+
+    it("matches RFC 4231 test cases 1, 3, 4, 6 and 7 (a key longer than a block is hashed first)", function()
+      local cases = {
+        {string.rep("\x0b", 20), "Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"},
+        {string.rep("\xaa", 20), string.rep("\xdd", 50), "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"},
+        {"\1\2\3\4\5\6\7\8\9\10\11\12\13\14\15\16\17\18\19\20\21\22\23\24\25", string.rep("\xcd", 50),
+          "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b"},
+        {string.rep("\xaa", 131), "Test Using Larger Than Block-Size Key - Hash Key First",
+          "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"},
+        {string.rep("\xaa", 131), "This is a test using a larger than block-size key and a larger than block-size data. "
+          .. "The key needs to be hashed before being used by the HMAC algorithm.",
+          "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"},
+      }
+      for _, c in ipairs(cases) do assert.equal(c[3], crypto.hmac_sha256(c[1], c[2])) end
+      assert.equal("b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad", crypto.hmac_sha256("", ""))
+    end)
+
+    -- HMAC written out on sha256 (RFC 2104), to check keys used again, in any order
+    local function reference(key, data)
+      if #key > 64 then key = crypto.sha256(key, true) end
+      key = key .. string.rep("\0", 64 - #key)
+      local ipad, opad = {}, {}
+      for i = 1, 64 do
+        ipad[i] = string.char(key:byte(i) ~ 0x36)
+        opad[i] = string.char(key:byte(i) ~ 0x5c)
+      end
+      return crypto.sha256(table.concat(opad) .. crypto.sha256(table.concat(ipad) .. data, true))
+    end
+
+    it("gives each key its own MAC, used again after many other keys, in any order", function()
+      local keys = {"", "a", "secret", "secret ", "Secret", "s\0cret", string.rep("k", 64), string.rep("k", 65),
+        string.rep("x", 200), "It's a Secret to Everybody", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8"}
+      for round = 1, 3 do
+        for i = 1, #keys do
+          local key = keys[(i * (round * 5 + 1)) % #keys + 1]
+          for _, data in ipairs({"", "Hello, World!", string.rep("d", 1000)}) do
+            assert.equal(reference(key, data), crypto.hmac_sha256(key, data), key)
+          end
+        end
+      end
+    end)
   end)
 
   describe("verify_hmac_sha256", function()

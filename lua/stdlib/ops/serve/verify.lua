@@ -28,8 +28,14 @@ local function check_hmac(secret, body, given)
   return crypto.equals(want, given:lower())
 end
 
+local find, byte = string.find, string.byte
+
+-- The checks below run on every delivery: each is one anchored find over a class of
+-- ranges where it can be (a negated class searched for at every position costs two to
+-- three times as much). tests/lua/serve_verify_spec.lua holds them to the rules as first
+-- written, byte by byte.
 local function is_sha(s)
-  return type(s) == "string" and (#s == 40 or #s == 64) and not s:find("[^0-9a-f]")
+  return type(s) == "string" and (#s == 40 or #s == 64) and find(s, "^[0-9a-f]*$") ~= nil
 end
 
 local function url_decode(s)
@@ -63,11 +69,17 @@ local function sane_path(p)
   return true
 end
 
--- A ref git would accept as a name (git check-ref-format's rules that matter here).
+-- A ref git would accept as a name (git check-ref-format's rules that matter here). Most
+-- refs are letters, digits, "-", "_" and "/": with no dot, "@" or other byte, only the
+-- rules on slashes can refuse one.
 local function valid_ref(ref)
-  return not (#ref > 255 or ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
+  if #ref > 255 then return false end
+  if find(ref, "^[%-/-9A-Z_a-z]*$") then return not (find(ref, "//", 1, true) or byte(ref, -1) == 47) end
+  return not (ref:find("%.%.") or ref:find("//", 1, true) or ref:find("/$") or ref:find("/%.")
     or ref:find("%.lock$") or ref:find("@{", 1, true) or ref:find("[%z\1-\32\127~^:?*%[\\]"))
 end
+
+local PATH_LISTS = {"added", "modified", "removed"}
 
 --- Reads a push payload into the common shape; nil, 400, reason when it is not one.
 local function parse_push(req, delivery, event)
@@ -92,7 +104,7 @@ local function parse_push(req, delivery, event)
     if type(p.commits) ~= "table" then return nil, 400, "commits must be a list" end
     for _, c in ipairs(p.commits) do
       if type(c) == "table" then
-        for _, list in ipairs({"added", "modified", "removed"}) do
+        for _, list in ipairs(PATH_LISTS) do
           local paths = c[list]
           if paths ~= nil and paths ~= json.null then
             if type(paths) ~= "table" then return nil, 400, "commits[]." .. list .. " must be a list of paths" end
@@ -116,13 +128,17 @@ local function parse_push(req, delivery, event)
   }
 end
 
-local function valid_id(s) return type(s) == "string" and s ~= "" and #s <= 128 and not s:find("[%z\1-\31\127]") end
+-- (%c and these ranges are the same bytes: opsrun runs in the C locale)
+local function valid_id(s) return type(s) == "string" and s ~= "" and #s <= 128 and find(s, "^[^\0-\31\127]*$") ~= nil end
 
 verify.providers = {}
 
 --- GitHub: X-Hub-Signature-256 (HMAC-SHA256 of the raw body), X-GitHub-Event, X-GitHub-Delivery
 function verify.providers.github(hook, req)
-  if not check_hmac(hook.secret, req.body, (header(req, "x-hub-signature-256") or ""):match("^sha256=(%x+)$")) then
+  -- "sha256=" and the hex digest: a value that is not hex never equals the MAC's hex
+  -- (check_hmac), so ^sha256=(%x+)$ need not be matched first
+  local sig = header(req, "x-hub-signature-256")
+  if not check_hmac(hook.secret, req.body, sig and sig:sub(1, 7) == "sha256=" and sig:sub(8) or nil) then
     return nil, 401, "missing or wrong X-Hub-Signature-256"
   end
   local event = header(req, "x-github-event")
@@ -171,6 +187,8 @@ verify.providers.forgejo = verify.providers.gitea
 verify.ZERO = ZERO
 verify.decode_json = raw_decode -- raises on a text that is not JSON
 verify.is_sha = is_sha
+verify.valid_ref = valid_ref
+verify.valid_id = valid_id
 verify.sane_path = sane_path
 
 return verify
