@@ -451,6 +451,86 @@ describe("ops.store", function()
     end)
   end)
 
+  describe("a queue made before its state check was rewritten", function()
+    -- migration 1 as opsrun wrote it until 2026-11-24: the state checked with IN (...)
+    local OLD_V1 = [[
+  CREATE TABLE ops_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    key TEXT,
+    state TEXT NOT NULL CHECK (state IN ('ready', 'leased', 'done', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    available_at REAL,
+    worker TEXT,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+  );
+  CREATE UNIQUE INDEX ops_queue_key ON ops_queue (queue, key) WHERE key IS NOT NULL;
+  CREATE INDEX ops_queue_available ON ops_queue (queue, available_at) WHERE available_at IS NOT NULL;
+  ]]
+
+    local function queue_sql(d)
+      return d:query("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ops_queue'")[1].sql
+    end
+
+    it("is made again with the same rows, ids and id counter, once", function()
+      assert.same({ 1, 1 }, { db:migrate({ OLD_V1 }, { component = "ops.queue" }) })
+      local insert = "INSERT INTO ops_queue (queue, kind, payload, key, state, attempts, available_at, worker, "
+        .. "last_error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+      assert(db:exec(insert, "deliveries", "push", '{"a":1}', "d-1", "ready", 0, 10.5, nil, nil, 1.0, 1.0))
+      assert(db:exec(insert, "deliveries", "push", '{"a":2}', "d-2", "leased", 1, 99.0, "w1", nil, 2.0, 3.0))
+      assert(db:exec(insert, "deliveries", "push", '{"a":3}', "d-3", "done", 1, nil, "w1", nil, 3.0, 4.0))
+      assert(db:exec(insert, "deliveries", "push", '{"a":4}', nil, "dead", 5, nil, "w2", "boom", 4.0, 5.0))
+      assert(db:exec(insert, "deliveries", "push", '{"a":5}', "d-5", "ready", 0, 11.0, nil, nil, 5.0, 5.0))
+      assert(db:exec("DELETE FROM ops_queue WHERE key = 'd-5'")) -- the counter is now past the last row
+      local before = db:query("SELECT * FROM ops_queue ORDER BY id")
+      assert.is_truthy(queue_sql(db):find("state IN (", 1, true))
+
+      local q = assert(db:queue("deliveries"))
+      assert.same(before, db:query("SELECT * FROM ops_queue ORDER BY id"))
+      assert.is_nil(queue_sql(db):find("state IN (", 1, true))
+      assert.equal(2, db:query("SELECT version FROM ops_schema_versions WHERE component = 'ops.queue'")[1].version)
+      -- the check still holds, the unique key and the id counter carried over
+      local ok, err = db:exec(insert, "deliveries", "push", "{}", nil, "bogus", 0, nil, nil, nil, 1.0, 1.0)
+      assert.is_nil(ok)
+      assert.matches("CHECK constraint failed", err)
+      assert.same({ before[1].id, "duplicate" }, { q:enqueue("push", "{}", { key = "d-1" }) })
+      local id, state = q:enqueue("push", "{}", { key = "d-6" })
+      assert.equal("queued", state)
+      assert.is_true(id > before[#before].id + 1, "a new id, not the deleted row's") -- 5 was taken
+      assert.equal(1, #db:query("SELECT name FROM sqlite_master WHERE name = 'ops_queue_key'"))
+      assert.equal(1, #db:query("SELECT name FROM sqlite_master WHERE name = 'ops_queue_available'"))
+      assert.equal(0, #db:query("SELECT name FROM sqlite_master WHERE name = 'ops_queue_rebuilt'"))
+
+      -- opened again: nothing is made again
+      db:close()
+      db = assert(store.open(dir .. "/s.db"))
+      local after = db:query("SELECT * FROM ops_queue ORDER BY id")
+      assert(db:queue("deliveries"))
+      assert.same(after, db:query("SELECT * FROM ops_queue ORDER BY id"))
+    end)
+
+    it("whose every row was deleted keeps its id counter", function()
+      assert(db:migrate({ OLD_V1 }, { component = "ops.queue" }))
+      assert(db:exec("INSERT INTO ops_queue (queue, kind, payload, state, created_at, updated_at) "
+        .. "VALUES ('x', 'k', 'p', 'ready', 1, 1)"))
+      local last = db:query("SELECT max(id) AS id FROM ops_queue")[1].id
+      assert(db:exec("DELETE FROM ops_queue"))
+      local q = assert(db:queue("x"))
+      assert.equal(last + 1, (q:enqueue("k", "p")))
+    end)
+
+    it("is not made again when new: the check is written as comparisons from the start", function()
+      assert(db:queue("x"))
+      local sql = queue_sql(db)
+      assert.is_nil(sql:find("state IN (", 1, true))
+      assert.is_truthy(sql:find("state = 'dead'", 1, true))
+    end)
+  end)
+
   describe("queue", function()
     local now, q
 
