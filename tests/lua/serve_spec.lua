@@ -576,6 +576,26 @@ hooks:
     end)
   end)
 
+  describe("the outcomes", function()
+    it("hold each delivery id as its stored payload has it (quotes, backslashes, UTF-8, other bytes)", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format("hooks:\n  ops: {repo: %s, branch: main, secret_env: HOOK_SECRET}\n", repo),
+        recording_env(dir))
+      local body = H.push_body("refs/heads/main", c0, c1)
+      local ids = {'q"uote', "back\\slash", '\\"both\\"', "\u{fc}n\u{ef}-c\u{f6}d\u{e9}", "bytes-\255\254", "{\"x\":1}", "plain-1"}
+      for _, d in ipairs(ids) do assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, d))) end
+      for _, d in ipairs(ids) do
+        local row = H.outcome(srv.store, d, 30)
+        local q = H.query(srv.store, "SELECT json_extract(payload, '$.delivery') AS d, key FROM ops_queue WHERE id = ?", row.id)[1]
+        assert.same({d, "ops:" .. d, "ops"}, {q.d, q.key, row.hook})
+      end
+      assert.equal(#ids, H.query(srv.store, "SELECT count(*) AS n FROM serve_outcomes")[1].n)
+      srv.stop()
+      h.rmtree(dir)
+    end)
+  end)
+
   describe("a flood of bad deliveries", function()
     it("is logged a few lines per hook and window, says how many it held back, and is counted whole", function()
       local dir = h.tmpdir()

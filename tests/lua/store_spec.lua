@@ -799,6 +799,23 @@ describe("ops.store", function()
       end)
     end)
 
+    it("claim_many and complete_many's claim give the items in id order whatever order the UPDATE returns", function()
+      -- oldest available first is not id order here: the newest item is due first
+      local late = q:enqueue("k", "late", { delay = 5 })
+      local early = q:enqueue("k", "early")
+      now = now + 10
+      local mid = q:enqueue("k", "mid")
+      local items = q:claim_many("w", 30, { "k" }, 10)
+      assert.same({ late, early, mid }, { items[1].id, items[2].id, items[3].id })
+      assert.same({ "late", "early", "mid" }, { items[1].payload, items[2].payload, items[3].payload })
+      local x = q:enqueue("k", "x", { delay = 5 })
+      local y = q:enqueue("k", "y")
+      now = now + 10
+      local _, _, claimed = q:complete_many({ late, early, mid }, "w", nil, { lease = 30, kinds = { "k" }, limit = 10 })
+      assert.same({ x, y }, { claimed[1].id, claimed[2].id })
+      assert.is_true(x < y)
+    end)
+
     it("survives reopening the database", function()
       local path = dir .. "/s.db"
       local id = q:enqueue("k", "p", { key = "persist" })
@@ -974,6 +991,29 @@ describe("db:batch", function()
     other:close()
     -- the WAL frames of its commits are counted (autocheckpoint = false)
     assert.is_true(db:wal_frames() > 0)
+  end)
+
+  it("gives rows as tables keyed by column name: NULLs absent, a repeated name's last value, wide rows, no rows", function()
+    assert(db:batch({{"INSERT INTO t (x, y) VALUES ('a', NULL), ('b', 2), ('c', 'three')"}}))
+    local cols = {}
+    for i = 1, 300 do cols[i] = i .. " AS c" .. i end
+    local r = assert(db:batch({
+      {"SELECT id, x, y FROM t ORDER BY id"},
+      {"SELECT x AS v, y AS v FROM t ORDER BY id"},
+      {"SELECT " .. table.concat(cols, ", ") .. " FROM t WHERE id <= 2"},
+      {"SELECT id, x FROM t WHERE id > 10"},
+      {"SELECT x FROM t WHERE id = 1"},
+    }))
+    assert.same({{id = 1, x = "a"}, {id = 2, x = "b", y = 2}, {id = 3, x = "c", y = "three"}}, r[1])
+    assert.same({{v = "a"}, {v = 2}, {v = "three"}}, r[2]) -- the later column wins; a NULL one sets nothing
+    assert.equal(2, #r[3])
+    for _, row in ipairs(r[3]) do
+      for i = 1, 300 do assert.equal(i, row["c" .. i]) end
+    end
+    assert.same({}, r[4])
+    assert.same({{x = "a"}}, r[5])
+    -- the same through db:query
+    assert.same(r[1], db:query("SELECT id, x, y FROM t ORDER BY id"))
   end)
 
   it("stores all of them or none: a failing statement rolls back the ones before it", function()
