@@ -808,7 +808,10 @@ static int l_spawn(lua_State *L) {
   const char *in_data = NULL;
   size_t in_len = 0;
   int t = lua_getfield(L, 2, "stdin");
-  if (t == LUA_TSTRING) {
+  if (t == LUA_TSTRING && strcmp(lua_tostring(L, -1), "inherit") == 0) {
+    child_fd[0] = 0; /* ours (the word itself as input: "inherit\n", or a file) */
+    lua_pop(L, 1);
+  } else if (t == LUA_TSTRING) {
     in_data = lua_tolstring(L, -1, &in_len);
     p->in_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (t == LUA_TTABLE) {
@@ -828,9 +831,7 @@ static int l_spawn(lua_State *L) {
     lua_pop(L, 2);
     child_fd[0] = in_fd;
   } else {
-    const char *m = lua_tostring(L, -1);
-    if (m && strcmp(m, "inherit") == 0) child_fd[0] = 0;
-    lua_pop(L, 1);
+    lua_pop(L, 1); /* nil: /dev/null */
   }
   int fds_in[2] = {-1, -1}, fds_out[2] = {-1, -1}, fds_err[2] = {-1, -1};
   int pipe_failed = 0;

@@ -56,6 +56,19 @@ describe("ops.proc.run", function()
     h.rmtree(dir)
   end)
 
+  it("hands its own stdin, stdout and stderr to a child that inherits them", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/s.lua", [[
+      local r = ops.proc.run({"sh", "-c", "read line; echo \"out:$line\"; echo err >&2"},
+        {stdin = "inherit", stdout = "inherit", stderr = "inherit"})
+      io.write("code ", r.code, " captured ", tostring(r.stdout), " ", tostring(r.stderr), "\n")
+    ]])
+    local r = h.run_opsrun({dir .. "/s.lua"}, {stdin = "typed\n"})
+    assert.are.equal("out:typed\ncode 0 captured nil nil\n", r.stdout)
+    assert.are.equal("err\n", r.stderr)
+    h.rmtree(dir)
+  end)
+
   it("starts the program in a session of its own with no signal ignored or blocked", function()
     -- opsrun ignores SIGPIPE and catches SIGCHLD; the program must not inherit either
     local mine = io.open("/proc/self/status"):read("a")
