@@ -361,8 +361,8 @@ static void child_exec(const char *program, char *const args[], char *const envp
     if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask);
   if (syscall(SYS_setsid) < 0) goto fail;
   for (int i = 0; i < 3; i++) {
-    /* dup2 onto itself would keep close-on-exec: clear it instead */
-    if (from[i] == i ? syscall(SYS_fcntl, i, F_SETFD, 0) < 0 : syscall(SYS_dup2, from[i], i) < 0) goto fail;
+    /* dup2 onto itself would keep close-on-exec: clear it instead (dup3: arm64 has no dup2) */
+    if (from[i] == i ? syscall(SYS_fcntl, i, F_SETFD, 0) < 0 : syscall(SYS_dup3, from[i], i, 0) < 0) goto fail;
   }
   if (cwd && syscall(SYS_chdir, cwd) < 0) goto fail;
   unsigned long none = 0;
