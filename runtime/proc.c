@@ -356,17 +356,20 @@ static int watch_children(void) {
 __attribute__((noreturn, no_sanitize_address, no_sanitize_undefined))
 static void child_exec(const char *program, char *const args[], char *const envp[], const int from[3],
                        const char *cwd, volatile int *err) {
-  struct { void *handler; unsigned long flags; void *restorer; unsigned long mask; } dfl = {0, 0, 0, 0};
-  for (long sig = 1; sig <= 64; sig++)
-    if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask);
+  /* the kernel's struct sigaction, all zero: SIG_DFL, no flags, no mask (a buffer larger than
+   * it on every architecture); the kernel's sigset is (_NSIG - 1) / 8 bytes (glibc's _NSIG
+   * counts one more) */
+  const unsigned long zeros[8] = {0};
+  const long setsize = (_NSIG - 1) / 8;
+  for (long sig = 1; sig < _NSIG; sig++)
+    if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, zeros, NULL, setsize);
   if (syscall(SYS_setsid) < 0) goto fail;
   for (int i = 0; i < 3; i++) {
     /* dup2 onto itself would keep close-on-exec: clear it instead (dup3: arm64 has no dup2) */
     if (from[i] == i ? syscall(SYS_fcntl, i, F_SETFD, 0) < 0 : syscall(SYS_dup3, from[i], i, 0) < 0) goto fail;
   }
   if (cwd && syscall(SYS_chdir, cwd) < 0) goto fail;
-  unsigned long none = 0;
-  syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none);
+  syscall(SYS_rt_sigprocmask, SIG_SETMASK, zeros, NULL, setsize);
   syscall(SYS_execve, program, args, envp);
 fail:
   *err = errno;
