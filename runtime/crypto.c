@@ -175,7 +175,9 @@ static EVP_MAC_CTX *hmac_keyed(const char *key, size_t klen)
 {
 	for (unsigned i = 0; i < HMAC_KEYS; i++) {
 		struct hmac_key *k = &hmac_keys[i];
-		if (k->ctx != NULL && k->len == klen && memcmp(k->key, key, klen) == 0)
+		/* in constant time: a caller may pass a key someone else chose, and the kept
+		 * keys are secrets */
+		if (k->ctx != NULL && k->len == klen && ossl.CRYPTO_memcmp(k->key, key, klen) == 0)
 			return k->ctx;
 	}
 	if (hmac_mac == NULL && (hmac_mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL)) == NULL)
