@@ -28,7 +28,9 @@ def main(path, name):
     if not events:
         sys.exit(f"{path}: no sched_process_* events (was perf record run as root?)")
     # the traced program: the first exec perf itself did not do
-    first = next(e for e in events if e[1] == "sched_process_exec" and "perf" not in e[3])
+    first = next((e for e in events if e[1] == "sched_process_exec" and "perf" not in e[3]), None)
+    if first is None:
+        sys.exit(f"{path}: no exec of the traced program")
     main_pid, t0 = first[2], first[0]
     forks, execs, exits = {}, {}, {}
     for t, kind, pid, rest in events:
