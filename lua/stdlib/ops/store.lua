@@ -230,8 +230,9 @@ local QUEUE_MIGRATIONS = {
   -- 2: a queue made by opsrun before 2026-11-24 has the IN check: its table is made again
   -- (SQLite cannot change a check in place) with the same rows, ids and id counter
   function(db)
-    local sql = must(c_query(db, "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ops_queue'"))[1].sql
-    if not sql:find("state IN (", 1, true) then return end
+    local row = must(c_query(db, "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ops_queue'"))[1]
+    if not row then error("the table ops_queue is missing, though its schema says version 1", 0) end
+    if not row.sql:find("state IN (", 1, true) then return end
     local seq = must(c_query(db, "SELECT seq FROM sqlite_sequence WHERE name = 'ops_queue'"))[1]
     must(c_exec_script(db, queue_table("ops_queue_rebuilt")
       .. "INSERT INTO ops_queue_rebuilt (" .. QUEUE_COLUMNS .. ") SELECT " .. QUEUE_COLUMNS .. " FROM ops_queue;"
