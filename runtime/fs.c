@@ -431,6 +431,20 @@ static int fs_stat(lua_State *L)
 	return 1;
 }
 
+/* fs.type(path [, follow]) -> "file" | "directory" | ... (fs.stat's type) | nil, err, code:
+ * what fs.stat(path).type says, without the table */
+static int fs_type(lua_State *L)
+{
+	const char *path = check_path(L, 1);
+	int follow = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
+	struct stat st;
+
+	if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
+		return ops_fs_push_errno(L, errno, path);
+	lua_pushstring(L, type_name(st.st_mode));
+	return 1;
+}
+
 /* fs.exists(path) -> boolean | nil, err, code */
 static int fs_exists(lua_State *L)
 {
@@ -896,6 +910,7 @@ static const luaL_Reg fs_funcs[] = {
 	{"glob", fs_glob},
 	{"normalize", fs_normalize},
 	{"join", fs_join},
+	{"type", fs_type},
 	{"dirname", fs_dirname},
 	{"basename", fs_basename},
 	{"is_absolute", fs_is_absolute},

@@ -87,6 +87,8 @@ static char readbuf[PIPE_SIZE];
 static int devnull = -1; /* opened once, close-on-exec: what "ignore" and stdin default to */
 
 static int running; /* children spawned and not yet reaped */
+static char **env_block; /* l_spawn's environment for a child, with env_block_size bytes */
+static size_t env_block_size;
 
 /* What sys.c waits for before it exits on a signal: children not yet reaped (a pipe that
  * something outside the child's group still holds must not keep opsrun alive). */
@@ -586,19 +588,54 @@ static void stream_init(proc *p, stream *s, const char *name, size_t limit) {
 }
 
 /* proc.spawn(argv, opts) -> handle | nil, err, code */
-/* An opts.env entry: a name and its value (NULL: unset it), from layer `layer`. */
+/* An opts.env entry: a name and its value (NULL: unset it), from layer `layer`; hash is
+ * its name's hash. */
 typedef struct {
   const char *name, *value;
   size_t name_len, value_len;
   int layer;
+  uint32_t hash;
+  uint64_t prefix; /* name_prefix */
 } env_var;
+
+/* A name's first 8 bytes as a big-endian number (zeros after a shorter name's end): two
+ * names whose prefixes differ compare as their prefixes do. */
+static uint64_t name_prefix(const char *s, size_t n) {
+  unsigned char b[8] = {0};
+  memcpy(b, s, n < 8 ? n : 8);
+  return (uint64_t)b[0] << 56 | (uint64_t)b[1] << 48 | (uint64_t)b[2] << 40 | (uint64_t)b[3] << 32 |
+         (uint64_t)b[4] << 24 | (uint64_t)b[5] << 16 | (uint64_t)b[6] << 8 | (uint64_t)b[7];
+}
 
 static int env_var_cmp(const void *a, const void *b) {
   const env_var *x = a, *y = b;
+  if (x->prefix != y->prefix) return x->prefix < y->prefix ? -1 : 1;
   size_t n = x->name_len < y->name_len ? x->name_len : y->name_len;
-  int c = memcmp(x->name, y->name, n);
+  int c = n > 8 ? memcmp(x->name + 8, y->name + 8, n - 8) : 0;
   if (c) return c;
   return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
+}
+
+/* A name's hash, for the table where inherited variables are looked up: its length, its
+ * first and its last 8 bytes (variables' names are short, and differ at one end or the
+ * other; those that collide are told apart by comparing them whole). */
+static uint32_t name_hash(const char *s, size_t n) {
+  uint64_t a = 0, b = 0;
+  memcpy(&a, s, n < 8 ? n : 8);
+  if (n > 8) memcpy(&b, s + n - (n < 16 ? n - 8 : 8), n < 16 ? n - 8 : 8);
+  uint64_t h = (a * 0x9E3779B97F4A7C15u) ^ (b * 0xC2B2AE3D27D4EB4Fu) ^ n;
+  return (uint32_t)(h >> 32) ^ (uint32_t)h;
+}
+
+/* The opts.env entry named name (slots: an open-addressing table of nslots, a power of
+ * two, holding 1 + an index into vars, 0 for empty), or NULL. */
+static env_var *env_find(env_var *vars, const uint32_t *slots, size_t nslots, const char *name, size_t len,
+                         uint32_t h) {
+  for (size_t i = h & (nslots - 1);; i = (i + 1) & (nslots - 1)) {
+    if (slots[i] == 0) return NULL;
+    env_var *v = &vars[slots[i] - 1];
+    if (v->hash == h && v->name_len == len && memcmp(v->name, name, len) == 0) return v;
+  }
 }
 
 static int l_spawn(lua_State *L) {
@@ -634,6 +671,7 @@ static int l_spawn(lua_State *L) {
    * inherited variable is looked up in them by binary search; "NAME=value" strings built in
    * one block (no Lua string per variable: a deploy passes ~40 to every command) */
   char **env = NULL;
+  const char *env_path = NULL; /* with env: its PATH */
   lua_getfield(L, 2, "env");
   if (!lua_isnil(L, -1)) {
     luaL_argcheck(L, lua_istable(L, -1), 2, "opts.env must be a table");
@@ -695,56 +733,90 @@ static int l_spawn(lua_State *L) {
       }
     }
     lua_settop(L, envt); /* the layers stay alive in opts.env */
-    for (size_t i = 1; i < nt; i++) { /* insertion sort by name, then layer: a few dozen */
+    /* a name set by several layers: the last layer's entry (the layers were read in order);
+     * the names in a table of hashes, where each inherited variable is looked up */
+    size_t nslots = 64;
+    while (nslots < 2 * nt) nslots *= 2;
+    uint32_t small_slots[256], *slots = small_slots;
+    if (nslots > sizeof small_slots / sizeof small_slots[0]) {
+      slots = lua_newuserdatauv(L, nslots * sizeof *slots, 0);
+      lua_rawseti(L, anchors, ++nanchor);
+    }
+    memset(slots, 0, nslots * sizeof *slots);
+    size_t live_n = 0;
+    for (size_t i = 0; i < nt; i++) {
+      env_var *v = &vars[i];
+      v->hash = name_hash(v->name, v->name_len);
+      size_t at = v->hash & (nslots - 1);
+      while (slots[at] != 0) {
+        env_var *o = &vars[slots[at] - 1];
+        if (o->hash == v->hash && o->name_len == v->name_len && memcmp(o->name, v->name, v->name_len) == 0) break;
+        at = (at + 1) & (nslots - 1);
+      }
+      if (slots[at] != 0) { /* an earlier layer's: this one wins */
+        env_var *o = &vars[slots[at] - 1];
+        if (o->value) bytes -= o->name_len + o->value_len + 2;
+        o->layer = -1;
+      } else {
+        live_n++;
+      }
+      slots[at] = (uint32_t)i + 1;
+    }
+    /* the entries that count, sorted by name (as the child's environment lists them) into
+     * an array of their own: the table of hashes keeps indexing vars */
+    env_var small_sorted[128], *sorted = small_sorted;
+    if (live_n > sizeof small_sorted / sizeof small_sorted[0]) {
+      sorted = lua_newuserdatauv(L, live_n * sizeof *sorted, 0);
+      lua_rawseti(L, anchors, ++nanchor);
+    }
+    size_t ns = 0;
+    for (size_t i = 0; i < nt; i++) {
+      if (vars[i].layer < 0) continue;
       env_var x = vars[i];
-      size_t j = i;
-      while (j > 0) {
-        int c = env_var_cmp(&vars[j - 1], &x);
-        if (c < 0 || (c == 0 && vars[j - 1].layer <= x.layer)) break;
-        vars[j] = vars[j - 1];
+      x.prefix = name_prefix(x.name, x.name_len);
+      size_t j = ns++;
+      while (j > 0 && env_var_cmp(&sorted[j - 1], &x) > 0) { /* insertion sort: a few dozen */
+        sorted[j] = sorted[j - 1];
         j--;
       }
-      vars[j] = x;
-    }
-    if (nlayers > 1) { /* a name set by several layers: the last layer's entry */
-      size_t w = 0;
-      for (size_t i = 0; i < nt; i++) {
-        if (i + 1 < nt && env_var_cmp(&vars[i], &vars[i + 1]) == 0) continue;
-        vars[w++] = vars[i];
-      }
-      nt = w;
+      sorted[j] = x;
     }
     for (char **e = environ; e && *e; e++) ne++;
-    /* the pointers, then the strings they point to, in one block */
-    env = lua_newuserdatauv(L, sizeof(char *) * (ne + nt + 1) + bytes, 0);
-    lua_rawseti(L, anchors, ++nanchor);
-    char *block = (char *)(env + ne + nt + 1);
+    /* the pointers, then the strings they point to, in one block: the child's execve
+     * copies them, so one block serves every spawn (no garbage for the collector) */
+    size_t need = sizeof(char *) * (ne + ns + 1) + bytes;
+    if (need > env_block_size) {
+      size_t size = env_block_size ? env_block_size : 4096;
+      while (size < need) size *= 2;
+      void *grown = realloc(env_block, size);
+      if (grown == NULL) return luaL_error(L, "out of memory");
+      env_block = grown;
+      env_block_size = size;
+    }
+    env = env_block;
+    char *block = (char *)(env + ne + ns + 1);
     size_t k = 0;
+    env_path = NULL; /* the PATH the child gets, where the program is looked for */
     if (!replace) {
       for (char **e = environ; e && *e; e++) {
         const char *eq = strchr(*e, '=');
         if (eq == NULL) continue;
-        env_var key = {.name = *e, .name_len = (size_t)(eq - *e)};
-        size_t lo = 0, hi = nt;
-        int in_table = 0; /* set (or unset) by the table: the table's entry wins */
-        while (lo < hi && !in_table) {
-          size_t mid = lo + (hi - lo) / 2;
-          int c = env_var_cmp(&key, &vars[mid]);
-          if (c == 0) in_table = 1;
-          else if (c < 0) hi = mid;
-          else lo = mid + 1;
-        }
-        if (!in_table) env[k++] = *e;
+        size_t len = (size_t)(eq - *e);
+        /* set (or unset) by the table: the table's entry wins */
+        if (env_find(vars, slots, nslots, *e, len, name_hash(*e, len))) continue;
+        env[k++] = *e;
+        if (len == 4 && memcmp(*e, "PATH", 4) == 0) env_path = eq + 1;
       }
     }
-    for (size_t i = 0; i < nt; i++) {
-      if (!vars[i].value) continue; /* false: unset */
+    for (size_t i = 0; i < ns; i++) {
+      if (!sorted[i].value) continue; /* false: unset */
       env[k++] = block;
-      memcpy(block, vars[i].name, vars[i].name_len);
-      block += vars[i].name_len;
+      if (sorted[i].name_len == 4 && memcmp(sorted[i].name, "PATH", 4) == 0) env_path = block + 5;
+      memcpy(block, sorted[i].name, sorted[i].name_len);
+      block += sorted[i].name_len;
       *block++ = '=';
-      memcpy(block, vars[i].value, vars[i].value_len);
-      block += vars[i].value_len;
+      memcpy(block, sorted[i].value, sorted[i].value_len);
+      block += sorted[i].value_len;
       *block++ = '\0';
     }
     env[k] = NULL;
@@ -860,12 +932,7 @@ static int l_spawn(lua_State *L) {
   }
 
   /* the program, found in the PATH the child gets */
-  const char *path_var = getenv("PATH");
-  if (env) {
-    path_var = NULL;
-    for (char **e = env; *e; e++)
-      if (strncmp(*e, "PATH=", 5) == 0) path_var = *e + 5;
-  }
+  const char *path_var = env ? env_path : getenv("PATH");
   char found[4096];
   const char *program = args[0]; /* a path: execve's ENOENT or EACCES says what is wrong */
   int rc = pipe_failed ? EMFILE : 0;

@@ -140,10 +140,9 @@ function M:playbooks(step)
   end
   local out = {}
   for _, name in ipairs(assert(fs.list(step.dir))) do
-    local st = fs.stat(fs.join(step.dir, name))
     if name:match("%.ya?ml$") and name:sub(1, 1) ~= "." and name:sub(1, 1) ~= "-"
         and not name:match("^bitops%.config%.ya?ml$")
-        and st and st.type == "file" and is_playbook(step, name) then
+        and fs.type(fs.join(step.dir, name)) == "file" and is_playbook(step, name) then
       out[#out + 1] = name
     end
   end

@@ -72,13 +72,11 @@ local function shown(step, path)
 end
 
 local function is_file(path)
-  local st = fs.stat(path)
-  return st ~= nil and st.type == "file"
+  return fs.type(path) == "file"
 end
 
 local function is_dir(path)
-  local st = fs.stat(path)
-  return st ~= nil and st.type == "directory"
+  return fs.type(path) == "directory"
 end
 
 local function message_of(err)

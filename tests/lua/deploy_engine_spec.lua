@@ -843,6 +843,40 @@ describe("locks", function()
     h.rmtree(clones)
   end)
 
+  it("takes the environments' locks in one transaction, up to the first another run holds", function()
+    local path = base .. "/lock_all.lua"
+    h.write(path, [[
+local history = require "ops.deploy.history"
+local db = history.open(...)
+local function names() local out = {} for _, r in ipairs(db:query("SELECT name, run_id FROM locks ORDER BY name")) do out[#out + 1] = r.name .. "=" .. r.run_id end return table.concat(out, " ") end
+print("first", history.lock_all(db, {"t:x", "t:y"}, 1))
+local got, holder, at = history.lock_all(db, {"t:z", "t:y", "t:w"}, 2)
+print("second", got, holder.run_id, at, names())
+history.unlock_all(db, {"t:x", "t:y", "t:z"}, 3) -- not run 3's: nothing goes
+print("others'", names())
+history.unlock_all(db, {"t:x", "t:y"}, 1)
+history.unlock_all(db, {"t:z", "t:w"}, 2)
+print("released", names())
+]])
+    local r = opsrun({path, base .. "/lock_all.db"})
+    assert.are.equal(0, r.code, r.out)
+    assert.are.equal("first\ttrue\nsecond\tfalse\t1\t2\tt:x=1 t:y=1 t:z=2\n"
+      .. "others'\tt:x=1 t:y=1 t:z=2\nreleased\t\n", r.stdout)
+  end)
+
+  it("refuses a run of several environments when one is locked, and leaves no lock behind", function()
+    local release = base .. "/release-lock-3"
+    local first = held_deploy(graph(), release)
+    local second = deploy(graph(), {"--env", "b,a"})
+    h.write(release, "")
+    local r1 = first:wait()
+    assert.are.equal(1, second.code)
+    assert.matches("environment 'a' is being deployed by process " .. first.pid, second.stderr, 1, true)
+    assert.are.equal(0, r1.code, r1.stdout .. r1.stderr)
+    assert.are.equal("0", sqlite("SELECT count(*) FROM locks"))
+    assert.are.equal("failed locked", sqlite("SELECT status || ' ' || error FROM runs ORDER BY id DESC LIMIT 1"))
+  end)
+
   it("takes over a lock left by a process that is gone", function()
     assert.are.equal(0, opsrun({"runs"}).code)   -- the store exists
     local dead = assert(ops.proc.run({"true"})).pid

@@ -56,8 +56,18 @@ end
 --- fs.stat(path [, {follow=true}]) -> {type, size, mode, mtime, uid, gid, ino} | nil, err, code
 function fs.stat(path, opts)
   argcheck(type(path) == "string", 1, "stat", "string expected, got " .. type(path))
+  if opts == nil then return core.stat(path, true) end
   opts = check_opts(opts, 2, "stat")
   return core.stat(path, opts.follow ~= false)
+end
+
+--- fs.type(path [, {follow=true}]) -> fs.stat(path).type ("file", "directory", "link", ...)
+--- | nil, err, code: for a test of what a path is, with no table made
+function fs.type(path, opts)
+  argcheck(type(path) == "string", 1, "type", "string expected, got " .. type(path))
+  if opts == nil then return core.type(path, true) end
+  opts = check_opts(opts, 2, "type")
+  return core.type(path, opts.follow ~= false)
 end
 
 --- fs.lstat(path) -> like fs.stat(path, {follow=false})

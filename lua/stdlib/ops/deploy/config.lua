@@ -10,9 +10,12 @@ local config = {}
 
 local function is_null(v) return v == nil or v == yaml.null end
 
+local array_mt -- ops.core.yaml's metatable of sequences, looked up on first use
+
 local function is_sequence(t)
   if type(t) ~= "table" then return false end
-  if getmetatable(t) == require("ops.core.yaml").array_mt then return true end
+  array_mt = array_mt or require("ops.core.yaml").array_mt
+  if getmetatable(t) == array_mt then return true end
   local n = #t
   if n == 0 then return false end
   for k in pairs(t) do
@@ -141,7 +144,8 @@ local function compile(schema, tool)
           names[2] = "BITOPS_" .. spec.export_env
           names[3] = spec.export_env
         end
-        c.settings[#c.settings + 1] = {path = p, spec = spec, names = names}
+        c.settings[#c.settings + 1] = {path = p, spec = spec, names = names, key = p[#p],
+          export = spec.export_env, bitops_export = spec.export_env and "BITOPS_" .. spec.export_env}
       end
     end
   end
@@ -173,22 +177,29 @@ function config.resolve(schema, file_table, ctx)
   local c = compile(schema, ctx.tool)
 
   -- the file's shape: every level the schema has is a mapping; keys it does not know warn
+  -- (path: the keys down to section; a key's own path is made only to be named)
   local function check(props, section, path)
     if is_null(section) then return end
     if type(section) ~= "table" or is_sequence(section) then bad(path, "must be a mapping, not " .. describe(section)) end
     for key, v in pairs(section) do
       local spec = props[key]
-      local p = {table.unpack(path)}
-      p[#p + 1] = tostring(key)
-      if spec == nil then
-        warnings[#warnings + 1] = string.format("%s: %s is not a setting opsrun knows; ignored (%s)",
-          ctx.where, table.concat(p, "."), ctx.file)
-      elseif spec.type == "object" then
-        check(spec.properties or {}, v, p)
+      if spec == nil or spec.type == "object" then
+        local p = {table.unpack(path)}
+        p[#p + 1] = tostring(key)
+        if spec == nil then
+          warnings[#warnings + 1] = string.format("%s: %s is not a setting opsrun knows; ignored (%s)",
+            ctx.where, table.concat(p, "."), ctx.file)
+        else
+          check(spec.properties or {}, v, p)
+        end
       end
     end
   end
-  for _, name in ipairs(c.sections) do check(schema[name], body[name], {name}) end
+  local sections = c.sections
+  for i = 1, #sections do
+    local name = sections[i]
+    check(schema[name], body[name], {name})
+  end
   for key in pairs(body) do
     if schema[key] == nil then
       warnings[#warnings + 1] = string.format("%s: %s is not a section opsrun knows (%s); ignored",
@@ -197,13 +208,17 @@ function config.resolve(schema, file_table, ctx)
   end
 
   local cfg = {}
-  for _, name in ipairs(c.sections) do cfg[name] = {} end
-  for _, p in ipairs(c.objects) do -- parents come before their children
+  for i = 1, #sections do cfg[sections[i]] = {} end
+  local objects = c.objects
+  for i = 1, #objects do -- parents come before their children
+    local p = objects[i]
     local out = cfg
-    for i = 1, #p - 1 do out = out[p[i]] end
+    for j = 1, #p - 1 do out = out[p[j]] end
     out[p[#p]] = {}
   end
-  for _, setting in ipairs(c.settings) do
+  local settings = c.settings
+  for si = 1, #settings do
+    local setting = settings[si]
     local p, spec = setting.path, setting.spec
     -- where the value sits in cfg and in the file (levels the file lacks are nil)
     local out, section = cfg, body
@@ -211,15 +226,16 @@ function config.resolve(schema, file_table, ctx)
       out = out[p[i]]
       if section ~= nil then
         section = section[p[i]]
-        if is_null(section) then section = nil end
+        if section == yaml.null then section = nil end
       end
     end
-    local key = p[#p]
+    local key = setting.key
     local value, why, from
     -- a variable set to "" counts as not set (CI templates pass empty ones)
-    for _, name in ipairs(setting.names) do
+    local names = setting.names
+    for i = 1, #names do
       local v
-      if env then v = env[name] else v = getenv(name) end
+      if env then v = env[names[i]] else v = getenv(names[i]) end
       if v ~= nil and v ~= "" then
         from = v
         break
@@ -228,7 +244,7 @@ function config.resolve(schema, file_table, ctx)
     if from ~= nil then
       value, why = coerce(from, spec, true)
       if value == nil then bad(p, why .. " (from the environment)") end
-    elseif section ~= nil and not is_null(section[key]) then
+    elseif section ~= nil and section[key] ~= nil and section[key] ~= yaml.null then
       value, why = coerce(section[key], spec, false)
       if value == nil then bad(p, why) end
     else
@@ -241,9 +257,10 @@ function config.resolve(schema, file_table, ctx)
       if not okv then bad(p, "must be one of " .. table.concat(spec.enum, ", ") .. ", not " .. describe(value)) end
     end
     out[key] = value
-    if spec.export_env and value ~= nil then
-      exports[spec.export_env] = export_string(value)
-      exports["BITOPS_" .. spec.export_env] = exports[spec.export_env]
+    if setting.export and value ~= nil then
+      local text = export_string(value)
+      exports[setting.export] = text
+      exports[setting.bitops_export] = text
     end
   end
   return cfg, exports, warnings

@@ -99,31 +99,70 @@ local function stale(row, me, host)
   return not alive(row.pid)
 end
 
+-- Takes the lock `name` for run_id unless a live run holds it, inside the caller's transaction.
+local function take(db, name, run_id, me, host)
+  local row = db:query("SELECT name, pid, host, run_id, started FROM locks WHERE name = ?", name)[1]
+  if row and not stale(row, me, host) then
+    return false, row
+  end
+  if row then
+    db:exec("UPDATE locks SET pid = ?, host = ?, run_id = ?, started = ? WHERE name = ?", me, host, run_id, now(), name)
+  else
+    db:exec("INSERT INTO locks (name, pid, host, run_id, started) VALUES (?, ?, ?, ?, ?)", name, me, host, run_id, now())
+  end
+  held[name] = run_id
+  return true, row
+end
+
 --- history.lock(db, name, run_id) -> true | false, holder ({pid, host, run_id, started})
 --- A lock whose process is gone (same host), or that this process left behind, is stale
 --- and taken over.
 function history.lock(db, name, run_id)
   return db:transaction(function()
-    local row = db:query("SELECT name, pid, host, run_id, started FROM locks WHERE name = ?", name)[1]
-    local me, host = sys.pid(), sys.hostname()
-    if row and not stale(row, me, host) then
-      return false, row
-    end
-    if row then
-      db:exec("UPDATE locks SET pid = ?, host = ?, run_id = ?, started = ? WHERE name = ?", me, host, run_id, now(), name)
-    else
-      db:exec("INSERT INTO locks (name, pid, host, run_id, started) VALUES (?, ?, ?, ?, ?)", name, me, host, run_id, now())
-    end
-    held[name] = run_id
-    return true, row
+    return take(db, name, run_id, sys.pid(), sys.hostname())
   end)
 end
+
+--- history.lock_all(db, names, run_id) -> true | false, holder, i : history.lock of each name
+--- in turn, in one transaction (one commit for them all); stops at the first that another
+--- run holds, names[i], and returns its holder: the ones before it are taken (the caller
+--- releases them).
+function history.lock_all(db, names, run_id)
+  return db:transaction(function()
+    local me, host = sys.pid(), sys.hostname()
+    for i, name in ipairs(names) do
+      local got, holder = take(db, name, run_id, me, host)
+      if not got then return false, holder, i end
+    end
+    return true
+  end)
+end
+
+local UNLOCK = "DELETE FROM locks WHERE name = ? AND pid = ? AND host = ?"
 
 --- history.unlock(db, name, run_id) : releases a lock this process holds for that run
 function history.unlock(db, name, run_id)
   if run_id ~= nil and held[name] ~= run_id then return end
   held[name] = nil
-  db:exec("DELETE FROM locks WHERE name = ? AND pid = ? AND host = ?", name, sys.pid(), sys.hostname())
+  db:exec(UNLOCK, name, sys.pid(), sys.hostname())
+end
+
+--- history.unlock_all(db, names, run_id) : history.unlock of each name, in one transaction
+--- (or, when that cannot be had, one by one); never raises
+function history.unlock_all(db, names, run_id)
+  local mine = {}
+  for _, name in ipairs(names) do
+    if run_id == nil or held[name] == run_id then
+      held[name] = nil
+      mine[#mine + 1] = name
+    end
+  end
+  if #mine == 0 then return end
+  local me, host = sys.pid(), sys.hostname()
+  local function unlock_each()
+    for _, name in ipairs(mine) do pcall(db.exec, db, UNLOCK, name, me, host) end
+  end
+  if not pcall(db.transaction, db, unlock_each) then unlock_each() end
 end
 
 function history.runs(db, limit)

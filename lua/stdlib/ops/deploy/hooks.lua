@@ -16,12 +16,10 @@ hooks.DIRS = {
 --- hooks.list(step, phase) -> sorted file names
 function hooks.list(step, phase)
   local dir = fs.join(step.dir, hooks.DIRS[phase])
-  local st = fs.stat(dir)
-  if not st or st.type ~= "directory" then return {}, dir end
+  if fs.type(dir) ~= "directory" then return {}, dir end
   local names = {}
   for _, name in ipairs(assert(fs.list(dir))) do
-    local s = fs.stat(fs.join(dir, name))
-    if s and s.type == "file" and name:sub(1, 1) ~= "." then names[#names + 1] = name end
+    if fs.type(fs.join(dir, name)) == "file" and name:sub(1, 1) ~= "." then names[#names + 1] = name end
   end
   return names, dir
 end

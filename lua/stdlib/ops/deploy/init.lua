@@ -377,13 +377,21 @@ function deploy.run(opts)
     end
 
     -- the store: history and locks (a dry run touches neither)
-    local db, locks = nil, {}
+    local db, locks, origin_url = nil, {}, nil
     run.record = function() end
     local flush_records, writer = function() end, nil
     if not run.dry_run then
       -- the run's record is safe from a crash of opsrun but for its last RECORD_DELAY
       -- seconds (a step's row lags it by that much at most); a power cut may lose its last
       -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
+      -- the lock scope's git lookup (below) runs beside the revision's
+      local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
+      if not scope or scope == "" then
+        origin_url = proc.spawn({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
+      end
+      -- waited for at this block's end, also when opening the store raises (its result is
+      -- kept: the wait below reads it)
+      local origin_done <close> = origin_url and setmetatable({}, {__close = function() pcall(origin_url.wait, origin_url) end}) or nil
       db = history.open(opts.store, {synchronous = "normal"})
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
@@ -433,7 +441,7 @@ function deploy.run(opts)
       pcall(flush_records)
     end})
     local function release()
-      for _, name in ipairs(locks) do pcall(history.unlock, db, name, run.run_id) end
+      if #locks > 0 then history.unlock_all(db, locks, run.run_id) end
       locks = {}
     end
     local guard <close> = setmetatable({}, {__close = release})
@@ -442,24 +450,25 @@ function deploy.run(opts)
       -- from opsrun serve's checkout of the same repo exclude each other
       local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
       if not scope or scope == "" then
-        local o = proc.run({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
+        local o = origin_url and origin_url:wait()
         scope = o and o.ok and o.stdout:gsub("%s+$", "") or real
       end
       scope = log.public_url(scope) -- no credentials in lock names
-      for _, e in ipairs(env_names) do
-        local name = "env:" .. scope .. ":" .. e
-        local got, holder = history.lock(db, name, run.run_id)
-        if not got then
-          for _, s in ipairs(steps) do
-            s.status, s.error = "not-run", "environment '" .. e .. "' was locked by another deploy"
-            run.record(s)
-          end
-          flush_records()
-          history.finish_run(db, run.run_id, "failed", "locked")
-          failure.raise(string.format("environment '%s' is being deployed by process %d on %s (run %s, since %s); "
-            .. "wait for it, or stop it", e, holder.pid, holder.host, tostring(holder.run_id), time.iso8601(holder.started)))
+      -- every environment's lock in one transaction; up to the first held by another run
+      local names = {}
+      for i, e in ipairs(env_names) do names[i] = "env:" .. scope .. ":" .. e end
+      local got, holder, at = history.lock_all(db, names, run.run_id)
+      for i = 1, got and #names or at - 1 do locks[i] = names[i] end
+      if not got then
+        local e = env_names[at]
+        for _, s in ipairs(steps) do
+          s.status, s.error = "not-run", "environment '" .. e .. "' was locked by another deploy"
+          run.record(s)
         end
-        locks[#locks + 1] = name
+        flush_records()
+        history.finish_run(db, run.run_id, "failed", "locked")
+        failure.raise(string.format("environment '%s' is being deployed by process %d on %s (run %s, since %s); "
+          .. "wait for it, or stop it", e, holder.pid, holder.host, tostring(holder.run_id), time.iso8601(holder.started)))
       end
     end
 

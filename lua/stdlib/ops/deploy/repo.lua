@@ -18,8 +18,7 @@ repo.DEFAULT_ORDER = {"terraform", "ansible", "helm", "cloudformation"}
 repo.DEFAULT_DIR = "_default"
 
 local function is_dir(path)
-  local st = fs.stat(path)
-  return st ~= nil and st.type == "directory"
+  return fs.type(path) == "directory"
 end
 
 --- repo.environments(root) -> sorted names
