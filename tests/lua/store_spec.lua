@@ -665,6 +665,36 @@ describe("ops.store", function()
       assert.equal("dead", q:get(id).state)
     end)
 
+    it("never hands out a spent item, and dead-letters it when its pass is due (dead_letter_every)", function()
+      local lazy = assert(db:queue("lazy", { now = function() return now end, max_attempts = 1, dead_letter_every = 100 }))
+      local spent = lazy:enqueue("k", "poison")
+      assert.equal(spent, lazy:claim("w", 10).id) -- the pass ran with this first claim
+      now = now + 11 -- its lease expired after its last allowed attempt
+      local fresh = lazy:enqueue("k", "fresh")
+      -- not due: the claim skips the spent item (older) and takes the one behind it
+      assert.equal(fresh, lazy:claim("w", 10).id)
+      assert.same({}, lazy:claim_many("w", 10, nil, 5))
+      assert.is_nil(lazy:claim("w", 10))
+      assert.same({ "leased", 1 }, { lazy:get(spent).state, lazy:get(spent).attempts })
+      now = now + 90 -- 101 s after the first pass: the next claim runs it
+      assert.is_nil(lazy:claim("w", 10))
+      assert.same({ "dead", "lease expired after the last attempt" }, { lazy:get(spent).state, lazy:get(spent).last_error })
+      -- a clock gone back to before the last pass runs it at once, and counts from there
+      local other = lazy:enqueue("k", "other") -- now 1101: the last pass
+      assert.equal(other, lazy:claim("w", 10).id)
+      now = 1096
+      assert.is_nil(lazy:claim("w", 10)) -- a pass: the next is due at 1196, not 1201
+      now = 1150
+      assert.is_nil(lazy:claim("w", 10)) -- expired and spent: skipped, not yet dead
+      assert.equal("leased", lazy:get(other).state)
+      now = 1197
+      assert.is_nil(lazy:claim("w", 10))
+      assert.equal("dead", lazy:get(other).state)
+      assert.has_error(function() db:queue("bad", { dead_letter_every = -1 }) end,
+        "ops.store: queue: dead_letter_every must be a number of seconds (0: at every claim)")
+      assert.has_error(function() db:queue("bad", { dead_letter_every = "10" }) end)
+    end)
+
     it("counts items by state", function()
       local a = q:enqueue("k", "1")
       q:enqueue("k", "2")
