@@ -404,15 +404,26 @@ static int fs_copy(lua_State *L)
 
 /* ---- metadata ---- */
 
-/* fs.stat(path [, follow=true]) -> {type, size, mode, mtime, uid, gid, ino} | nil, err, code */
-static int fs_stat(lua_State *L)
+/* stat or lstat (follow, at index 2, defaults to true) of the path at index 1 into *st;
+ * 0, or what ops_fs_push_errno pushed (nil, err, code) */
+static int stat_arg(lua_State *L, struct stat *st)
 {
 	const char *path = check_path(L, 1);
 	int follow = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
-	struct stat st;
 
-	if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
+	if ((follow ? stat(path, st) : lstat(path, st)) != 0)
 		return ops_fs_push_errno(L, errno, path);
+	return 0;
+}
+
+/* fs.stat(path [, follow=true]) -> {type, size, mode, mtime, uid, gid, ino} | nil, err, code */
+static int fs_stat(lua_State *L)
+{
+	struct stat st;
+	int failed = stat_arg(L, &st);
+
+	if (failed)
+		return failed;
 	lua_createtable(L, 0, 7);
 	lua_pushstring(L, type_name(st.st_mode));
 	lua_setfield(L, -2, "type");
@@ -435,12 +446,11 @@ static int fs_stat(lua_State *L)
  * what fs.stat(path).type says, without the table */
 static int fs_type(lua_State *L)
 {
-	const char *path = check_path(L, 1);
-	int follow = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
 	struct stat st;
+	int failed = stat_arg(L, &st);
 
-	if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
-		return ops_fs_push_errno(L, errno, path);
+	if (failed)
+		return failed;
 	lua_pushstring(L, type_name(st.st_mode));
 	return 1;
 }
