@@ -7,14 +7,17 @@
 # sync, on libuv's thread pool) before it answers 202; its workers claim and complete every
 # delivery during the run (before == after on the commit already processed: nothing to
 # deploy, no git). webhook checks a payload-hmac-sha256 rule and runs /bin/true.
-# Prints accepted deliveries/s, p99 latency and peak RSS of each, and the ratios.
-#   bench/serve_bench.sh                  # OPSRUN=build/opsrun, 10 s per run
-#   OPSRUN=/tmp/b/opsrun DURATION=30s bench/serve_bench.sh
+# Prints accepted deliveries/s, p99 latency and peak RSS of each, and the ratios. ROUNDS
+# rounds (default 3), each a fresh opsrun (new store) and a fresh webhook, in alternating
+# order; the ratios are those of the medians (one run is at the mercy of a noisy machine).
+#   bench/serve_bench.sh                  # OPSRUN=build/opsrun, 10 s per run, 3 rounds
+#   OPSRUN=/tmp/b/opsrun DURATION=30s ROUNDS=5 bench/serve_bench.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 opsrun="${OPSRUN:-$root/build/opsrun}"
 duration="${DURATION:-10s}"
+rounds="${ROUNDS:-3}"
 threads="${THREADS:-2}"
 conns="${CONNS:-32}"
 secret="bench-secret-0123456789"
@@ -76,33 +79,40 @@ run_wrk() {
   p99_ms=$(awk -v v="$p99" 'BEGIN { if (v ~ /us$/) printf "%f", v / 1000; else if (v ~ /ms$/) printf "%f", v + 0;
     else if (v ~ /s$/) printf "%f", v * 1000; else printf "%f", v }')
   eval "${name}_rps=$rps ${name}_p99=$p99_ms ${name}_peak=$peak ${name}_requests=$requests"
+  eval "${name}_all_rps+=($rps) ${name}_all_p99+=($p99_ms) ${name}_all_peak+=($peak)"
 }
+opsrun_all_rps=() opsrun_all_p99=() opsrun_all_peak=() webhook_all_rps=() webhook_all_p99=() webhook_all_peak=()
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 echo "wrk -t $threads -c $conns -d $duration, a $bytes-byte GitHub push signed with HMAC-SHA256, a new delivery id per request"
 
-port=$(free_port)
-cat > "$work/opsrun-serve.yaml" <<YAML
+bench_opsrun() { # ROUND
+  local port; port=$(free_port)
+  cat > "$work/opsrun-serve.yaml" <<YAML
 listen: 127.0.0.1:$port
-store: $work/state/opsrun.db
+store: $work/state-$1/opsrun.db
 drain: 30
 hooks:
   ops: {provider: github, repo: $work/repo, branch: main, secret_env: BENCH_SECRET}
 YAML
-BENCH_SECRET="$secret" "$opsrun" serve --config "$work/opsrun-serve.yaml" > "$work/opsrun.out" 2> "$work/opsrun.err" &
-pids+=($!)
-opsrun_pid=$!
-wait_up "http://127.0.0.1:$port/healthz"
-run_wrk opsrun "http://127.0.0.1:$port/hooks/ops" "$opsrun_pid"
-# every answered request is a delivery in the store, stored once
-metrics=$(curl -s "http://127.0.0.1:$port/metrics")
-queued=$(awk -F' ' '/^opsrun_deliveries_total\{outcome="queued"\}/ {print $2}' <<< "$metrics")
-dups=$(awk -F' ' '/^opsrun_deliveries_total\{outcome="duplicate"\}/ {print $2}' <<< "$metrics")
-[ "$dups" = 0 ] || { echo "opsrun: $dups deliveries were duplicates: the delivery ids are not unique" >&2; exit 1; }
-[ "$queued" -ge "$opsrun_requests" ] || { echo "opsrun: $queued queued < $opsrun_requests answered" >&2; exit 1; }
-rows=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from ops_queue where queue = ?", ("deliveries",)).fetchone()[0])' "$work/state/opsrun.db")
-echo "opsrun   $queued deliveries queued, $rows in the store, $(awk '/^opsrun_queue_depth/ {print $2}' <<< "$metrics") not yet processed by the workers"
-kill -TERM "$opsrun_pid"
-wait "$opsrun_pid" || { echo "opsrun serve did not exit 0 on SIGTERM" >&2; exit 1; }
+  BENCH_SECRET="$secret" "$opsrun" serve --config "$work/opsrun-serve.yaml" > "$work/opsrun.out" 2> "$work/opsrun.err" &
+  pids+=($!)
+  local opsrun_pid=$!
+  wait_up "http://127.0.0.1:$port/healthz"
+  run_wrk opsrun "http://127.0.0.1:$port/hooks/ops" "$opsrun_pid"
+  # every answered request is a delivery in the store, stored once
+  local metrics queued dups rows
+  metrics=$(curl -s "http://127.0.0.1:$port/metrics")
+  queued=$(awk -F' ' '/^opsrun_deliveries_total\{outcome="queued"\}/ {print $2}' <<< "$metrics")
+  dups=$(awk -F' ' '/^opsrun_deliveries_total\{outcome="duplicate"\}/ {print $2}' <<< "$metrics")
+  [ "$dups" = 0 ] || { echo "opsrun: $dups deliveries were duplicates: the delivery ids are not unique" >&2; exit 1; }
+  [ "$queued" -ge "$opsrun_requests" ] || { echo "opsrun: $queued queued < $opsrun_requests answered" >&2; exit 1; }
+  rows=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from ops_queue where queue = ?", ("deliveries",)).fetchone()[0])' "$work/state-$1/opsrun.db")
+  echo "opsrun   $queued deliveries queued, $rows in the store, $(awk '/^opsrun_queue_depth/ {print $2}' <<< "$metrics") not yet processed by the workers"
+  kill -TERM "$opsrun_pid"
+  wait "$opsrun_pid" || { echo "opsrun serve did not exit 0 on SIGTERM" >&2; exit 1; }
+  rm -rf "$work/state-$1"
+}
 
 cat > "$work/hooks.json" <<JSON
 [{"id": "ops", "execute-command": "/bin/true", "response-message": "accepted",
@@ -110,9 +120,22 @@ cat > "$work/hooks.json" <<JSON
   "trigger-rule": {"match": {"type": "payload-hmac-sha256", "secret": "$secret",
                              "parameter": {"source": "header", "name": "X-Hub-Signature-256"}}}}]
 JSON
-start_webhook "$work/hooks.json" "$work/webhook.log"
-run_wrk webhook "http://127.0.0.1:$webhook_port/hooks/ops" "$webhook_pid"
+bench_webhook() {
+  start_webhook "$work/hooks.json" "$work/webhook.log"
+  run_wrk webhook "http://127.0.0.1:$webhook_port/hooks/ops" "$webhook_pid"
+  kill "$webhook_pid"
+  wait "$webhook_pid" 2>/dev/null || true
+}
 
+for ((r = 1; r <= rounds; r++)); do
+  echo "round $r of $rounds"
+  if ((r % 2)); then bench_opsrun "$r"; bench_webhook; else bench_webhook; bench_opsrun "$r"; fi
+done
+opsrun_rps=$(median "${opsrun_all_rps[@]}") webhook_rps=$(median "${webhook_all_rps[@]}")
+opsrun_p99=$(median "${opsrun_all_p99[@]}") webhook_p99=$(median "${webhook_all_p99[@]}")
+opsrun_peak=$(median "${opsrun_all_peak[@]}") webhook_peak=$(median "${webhook_all_peak[@]}")
+printf 'medians  opsrun %s deliveries/s, p99 %s ms, peak %s KiB; webhook %s/s, p99 %s ms, peak %s KiB\n' \
+  "$opsrun_rps" "$opsrun_p99" "$opsrun_peak" "$webhook_rps" "$webhook_p99" "$webhook_peak"
 awk -v a="$opsrun_rps" -v b="$webhook_rps" -v pa="$opsrun_p99" -v pb="$webhook_p99" \
     -v ra="$opsrun_peak" -v rb="$webhook_peak" 'BEGIN {
   printf "ratio    opsrun/webhook: deliveries/s %.2fx (target >= 3), p99 %.2fx (target < 1), peak RSS %.2fx (target <= 0.5)\n",
