@@ -8,19 +8,22 @@
 -- reads every item due, ready ones included). The ratio is the second over the first.
 --
 -- Run:
---   build/opsrun bench/queue_backlog.lua [backlogs=0,10000,50000] [rounds=20] [dir]
+--   build/opsrun bench/queue_backlog.lua [backlogs=0,10000,50000] [rounds=20] [parent dir]
 local store = require("ops.store")
 local time = require("ops.time")
+local fs = require("ops.fs")
 
 local backlogs = {}
 for n in (arg[1] or "0,10000,50000"):gmatch("%d+") do backlogs[#backlogs + 1] = tonumber(n) end
 local rounds = tonumber(arg[2]) or 20
-local dir = arg[3]
-if not dir then
+local dir -- made here and removed at the end: under the folder given, never the folder itself
+if arg[3] then
+  dir = fs.join(arg[3], "opsrun-queue-backlog")
+else
   dir = os.tmpname()
   os.remove(dir)
 end
-assert(os.execute("mkdir -p '" .. dir .. "'"))
+assert(fs.mkdir(dir, {parents = true}))
 
 local payload = string.rep("x", 300) -- about a stored push
 
@@ -60,4 +63,4 @@ for _, n in ipairs(backlogs) do
   local every = run(n, 0)
   print(string.format("%10d %14.2f %22.2f %6.1fx", n, lazy * 1000, every * 1000, every / lazy))
 end
-os.execute("rm -rf '" .. dir .. "'")
+assert(fs.remove(dir, {recursive = true}))
