@@ -435,11 +435,11 @@ end
 
 -- A lease that expired after the last allowed attempt dead-letters the item instead of
 -- handing a poison item out forever. Finding those means reading every item due, ready
--- ones included (they share the index on available_at): with 50,000 ready items, a
--- claim of 100 took 13 ms with it, 2.5 ms without (bench/queue_backlog.lua). So a claim
--- runs this pass only when dead_letter_every seconds have gone by
--- since the last; the claim itself never hands out such an item (it skips leased items
--- whose attempts are used up), which stays leased, expired, until the next pass.
+-- ones included (they share the index on available_at): with 50,000 ready items, a claim
+-- of 100 took 13 ms with it, 2.5 ms without (bench/queue_backlog.lua). So a claim runs
+-- this pass only when dead_letter_every seconds have gone by since the last; the claim
+-- itself never hands out such an item (it skips leased items whose attempts are used up),
+-- which stays leased, expired, until the next pass.
 local DEAD_LETTER_SQL = "UPDATE ops_queue SET state = 'dead', available_at = NULL, updated_at = ?, "
   .. "last_error = 'lease expired after the last attempt' "
   .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?"

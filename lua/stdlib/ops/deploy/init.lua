@@ -378,20 +378,21 @@ function deploy.run(opts)
 
     -- the store: history and locks (a dry run touches neither)
     local db, locks, origin_url = nil, {}, nil
+    local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
+    if scope == "" then scope = nil end
     run.record = function() end
     local flush_records, writer = function() end, nil
     if not run.dry_run then
+      -- without a lock scope the locks are named by the repo's origin: that git lookup runs
+      -- beside the revision's, and is waited for at this block's end, also when opening the
+      -- store raises (its result is kept for the locks below)
+      if not scope then
+        origin_url = proc.spawn({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
+      end
+      local origin_done <close> = origin_url and setmetatable({}, {__close = function() pcall(origin_url.wait, origin_url) end}) or nil
       -- the run's record is safe from a crash of opsrun but for its last RECORD_DELAY
       -- seconds (a step's row lags it by that much at most); a power cut may lose its last
       -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
-      -- the lock scope's git lookup (below) runs beside the revision's
-      local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
-      if not scope or scope == "" then
-        origin_url = proc.spawn({"git", "-C", real, "config", "--get", "remote.origin.url"}, {timeout = 30, stderr = "ignore"})
-      end
-      -- waited for at this block's end, also when opening the store raises (its result is
-      -- kept: the wait below reads it)
-      local origin_done <close> = origin_url and setmetatable({}, {__close = function() pcall(origin_url.wait, origin_url) end}) or nil
       db = history.open(opts.store, {synchronous = "normal"})
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
@@ -448,8 +449,7 @@ function deploy.run(opts)
     if db then
       -- the lock names the repo by where it comes from, so a deploy from a clone and one
       -- from opsrun serve's checkout of the same repo exclude each other
-      local scope = opts.lock_scope or sys.getenv("OPSRUN_LOCK_SCOPE")
-      if not scope or scope == "" then
+      if not scope then
         local o = origin_url and origin_url:wait()
         scope = o and o.ok and o.stdout:gsub("%s+$", "") or real
       end
