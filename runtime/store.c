@@ -494,8 +494,7 @@ static int db_exec(lua_State *L)
 	return 2;
 }
 
-/* db:query(sql, ...) -> { row, ... } | nil, err, code */
-static int db_query(lua_State *L)
+static int query(lua_State *L, int only_reads)
 {
 	store_db *d = check_open_db(L, 1);
 	int slot = -1, nret = 0, rc, ncols;
@@ -504,6 +503,11 @@ static int db_query(lua_State *L)
 
 	if (stmt == NULL)
 		return nret;
+	if (only_reads && !sqlite3_stmt_readonly(stmt)) {
+		release_stmt(d, stmt, slot);
+		lua_pushboolean(L, 0);
+		return 1;
+	}
 	ncols = sqlite3_column_count(stmt);
 	lua_newtable(L);
 	while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
@@ -517,6 +521,19 @@ static int db_query(lua_State *L)
 	}
 	release_stmt(d, stmt, slot);
 	return 1;
+}
+
+/* db:query(sql, ...) -> { row, ... } | nil, err, code */
+static int db_query(lua_State *L)
+{
+	return query(L, 0);
+}
+
+/* core: db:_read(sql, ...) -> { row, ... } | nil, err, code | false (the statement writes:
+ * it did not run) */
+static int db_read(lua_State *L)
+{
+	return query(L, 1);
 }
 
 static void cursor_finish(store_cursor *c)
@@ -853,25 +870,47 @@ typedef struct {
 	unsigned long last_used;
 } batch_slot;
 
-/* The connection db:batch runs its statements through. Opened by the first batch on the
- * thread pool and used by one batch at a time, on whichever thread runs it; closed by the
- * loop once no batch is in flight (by the last batch's completion if the db was closed
- * while it ran). */
+/* The connection db:batch runs its statements through, and the thread of its own that
+ * runs them. The loop hands batches to the thread through `queue`; the thread runs every
+ * batch waiting there when it comes round as one transaction (each batch in a savepoint of
+ * it, so each is still all or nothing), then hands them back through `done` and wakes the
+ * loop (`async`). A batch that arrives while another runs starts as soon as that one ends,
+ * without a round trip through the loop. A durable batch goes from the commit to a second
+ * thread, the flusher, which syncs the WAL (one fdatasync for every batch committed
+ * meanwhile) while the first goes on with the next batch: SQLite's write lock is not held
+ * during the flush.
+ * Made by the first batch; closed by the loop once no batch is in flight (by the last
+ * batch's completion if the db was closed while it ran). */
 struct batch_conn {
-	sqlite3 *db;
+	sqlite3 *db; /* opened and used by the thread only (and closed after it ended) */
 	char *path;
 	int busy_ms, sync_normal, autocheckpoint;
-	int in_flight, orphaned;
-	struct batch_job *pending, *pending_tail; /* waiting for the batch in flight, in order */
+	/* the loop's side */
+	int in_flight; /* batches handed to the thread and not yet back */
+	int orphaned;  /* the db was closed: close this too when the last batch is back */
+	int thread_started, async_ready;
+	uv_async_t async;
+	/* shared, under lock */
+	uv_mutex_t lock;
+	uv_cond_t wake, flush_wake;
+	uv_thread_t thread, flusher;
+	int flusher_started;
+	struct batch_job *queue, *queue_tail; /* waiting for the thread, in order */
+	struct batch_job *flush, *flush_tail; /* committed, waiting for the WAL's flush */
+	struct batch_job *done, *done_tail;   /* back from them, for the loop */
+	sqlite3_file *wal;                    /* the WAL the flusher syncs, once a batch committed */
+	int stop;
+	/* the thread's side */
 	int wal_frames; /* written by its WAL hook, read by the batch that committed */
 	unsigned long tick;
 	batch_slot cache[BATCH_CACHE_SIZE];
-	/* prepared once: BEGIN IMMEDIATE, COMMIT, ROLLBACK */
-	sqlite3_stmt *control[3];
+	/* prepared once: BEGIN IMMEDIATE, COMMIT, ROLLBACK, and a grouped batch's savepoint */
+	sqlite3_stmt *control[6];
 };
 
-enum { BATCH_BEGIN, BATCH_COMMIT, BATCH_ROLLBACK };
-static const char *const batch_control_sql[] = {"BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"};
+enum { BATCH_BEGIN, BATCH_COMMIT, BATCH_ROLLBACK, BATCH_SAVEPOINT, BATCH_RELEASE, BATCH_ROLLBACK_TO };
+static const char *const batch_control_sql[] = {"BEGIN IMMEDIATE",     "COMMIT",	       "ROLLBACK",
+						"SAVEPOINT ops_batch", "RELEASE ops_batch", "ROLLBACK TO ops_batch"};
 
 /* Runs one of the connection's control statements (prepared on first use). */
 static int batch_control(batch_conn *b, int which)
@@ -909,9 +948,8 @@ typedef struct {
 } batch_stmt;
 
 typedef struct batch_job {
-	uv_work_t req;
 	ops_wait w;
-	struct batch_job *next; /* in its connection's pending list */
+	struct batch_job *next; /* in its connection's queue, then its done list */
 	store_db *owner; /* pinned by db_ref while the batch is in flight */
 	batch_conn *conn;
 	int db_ref;
@@ -924,8 +962,29 @@ typedef struct batch_job {
 	char err[512];
 } batch_job;
 
+static void batch_conn_free(uv_handle_t *h)
+{
+	batch_conn *b = h->data;
+	uv_cond_destroy(&b->flush_wake);
+	uv_cond_destroy(&b->wake);
+	uv_mutex_destroy(&b->lock);
+	free(b->path);
+	free(b);
+}
+
+/* On the loop, with no batch in flight: ends the thread, closes the connection. */
 static void batch_conn_close(batch_conn *b)
 {
+	uv_mutex_lock(&b->lock);
+	b->stop = 1;
+	uv_cond_signal(&b->wake);
+	uv_cond_signal(&b->flush_wake);
+	uv_mutex_unlock(&b->lock);
+	if (b->thread_started) /* idle: they end at once */
+		uv_thread_join(&b->thread);
+	if (b->flusher_started)
+		uv_thread_join(&b->flusher);
+	b->thread_started = b->flusher_started = 0;
 	for (int i = 0; i < BATCH_CACHE_SIZE; i++) {
 		sqlite3_finalize(b->cache[i].stmt);
 		free(b->cache[i].sql);
@@ -933,8 +992,11 @@ static void batch_conn_close(batch_conn *b)
 	for (size_t i = 0; i < sizeof b->control / sizeof b->control[0]; i++)
 		sqlite3_finalize(b->control[i]);
 	sqlite3_close_v2(b->db);
-	free(b->path);
-	free(b);
+	b->db = NULL;
+	if (b->async_ready)
+		uv_close((uv_handle_t *)&b->async, batch_conn_free);
+	else
+		batch_conn_free((uv_handle_t *)&b->async);
 }
 
 /* The db is closed: its batch connection goes now, or after the batches in flight and
@@ -947,6 +1009,36 @@ static void batch_conn_release(batch_conn *b)
 		b->orphaned = 1;
 	else
 		batch_conn_close(b);
+}
+
+static batch_conn *batch_conn_new(const char *path, const store_db *d)
+{
+	batch_conn *b = calloc(1, sizeof *b);
+	if (b == NULL)
+		return NULL;
+	if ((b->path = strdup(path)) == NULL || uv_mutex_init(&b->lock) != 0) {
+		free(b->path);
+		free(b);
+		return NULL;
+	}
+	if (uv_cond_init(&b->wake) != 0) {
+		uv_mutex_destroy(&b->lock);
+		free(b->path);
+		free(b);
+		return NULL;
+	}
+	if (uv_cond_init(&b->flush_wake) != 0) {
+		uv_cond_destroy(&b->wake);
+		uv_mutex_destroy(&b->lock);
+		free(b->path);
+		free(b);
+		return NULL;
+	}
+	b->async.data = b;
+	b->busy_ms = d->busy_ms;
+	b->sync_normal = d->sync_normal;
+	b->autocheckpoint = d->autocheckpoint;
+	return b;
 }
 
 static int batch_wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
@@ -1199,45 +1291,163 @@ static void batch_run(batch_job *j, batch_conn *b, store_db *d)
 	}
 }
 
-/* After a commit with synchronous=NORMAL: the WAL to disk, as synchronous=FULL would have
- * synced it in the commit (its fdatasync, through SQLite's own handle of the WAL). Changing
- * the connection's synchronous setting around the commit instead would make SQLite prepare
- * every cached statement again. */
-static int batch_flush(batch_conn *b)
+/* Fails every batch of jobs[0..n) that has not failed yet: the group's transaction is gone. */
+static void batch_fail_rest(batch_job **jobs, int n, sqlite3 *db, int rc, const char *what)
 {
-	sqlite3_file *wal = NULL;
-	int rc = sqlite3_file_control(b->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
-	if (rc == SQLITE_OK && wal != NULL && wal->pMethods != NULL)
-		return wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
-	/* no WAL open (another journal mode): its commits were synced as they happened */
-	return SQLITE_OK;
+	for (int i = 0; i < n; i++)
+		if (jobs[i]->rc == SQLITE_OK)
+			batch_fail(jobs[i], db, rc, 0, what);
 }
 
-static void batch_work(uv_work_t *req)
+/* On the batch thread: jobs[0..n) in one transaction, each in a savepoint of its own when
+ * there are several (a batch that fails is rolled back alone; the others commit). */
+static void batch_group_run(batch_conn *b, batch_job **jobs, int n)
 {
-	batch_job *j = req->data;
-	batch_conn *b = j->conn;
-	int rc;
+	int rc, grouped = n > 1, committed = 0, durable = 0;
 	if (b->db == NULL && (rc = batch_conn_open(b)) != SQLITE_OK) {
-		batch_fail(j, b->db, rc, 0, NULL);
+		batch_fail_rest(jobs, n, b->db, rc, NULL);
 		sqlite3_close_v2(b->db);
 		b->db = NULL;
 		return;
 	}
-	rc = batch_control(b, BATCH_BEGIN);
-	if (rc != SQLITE_OK) {
-		batch_fail(j, b->db, rc, 0, NULL);
-	} else {
-		batch_run(j, b, NULL);
-		if (j->rc == SQLITE_OK && (rc = batch_control(b, BATCH_COMMIT)) != SQLITE_OK)
-			batch_fail(j, b->db, rc, 0, NULL);
-		if (!sqlite3_get_autocommit(b->db))
-			batch_control(b, BATCH_ROLLBACK);
+	if ((rc = batch_control(b, BATCH_BEGIN)) != SQLITE_OK) {
+		batch_fail_rest(jobs, n, b->db, rc, NULL);
+		return;
 	}
-	if (j->rc == SQLITE_OK && j->durable && b->sync_normal && (rc = batch_flush(b)) != SQLITE_OK)
-		batch_fail(j, b->db, rc, 0, (rc & 0xff) == SQLITE_IOERR ? "committed, but could not be flushed to disk" : NULL);
-	if (j->rc == SQLITE_OK)
-		j->frames = b->wal_frames;
+	for (int i = 0; i < n; i++) {
+		batch_job *j = jobs[i];
+		if (grouped && (rc = batch_control(b, BATCH_SAVEPOINT)) != SQLITE_OK) {
+			batch_fail(j, b->db, rc, 0, NULL);
+			break;
+		}
+		batch_run(j, b, NULL);
+		if (sqlite3_get_autocommit(b->db)) {
+			/* SQLite rolled the whole transaction back (SQLITE_FULL, SQLITE_IOERR...) */
+			char what[440];
+			int code = j->rc != SQLITE_OK ? j->rc : SQLITE_MISUSE;
+			if (j->rc == SQLITE_OK)
+				batch_fail(j, b->db, code, 0,
+					   "the batch's transaction ended inside it (a COMMIT or ROLLBACK among its statements?)");
+			snprintf(what, sizeof what, "not committed: the transaction it shared with another batch ended with it: %.360s",
+				 j->err);
+			batch_fail_rest(jobs, n, b->db, code, what);
+			return;
+		}
+		if (grouped && j->rc != SQLITE_OK && (rc = batch_control(b, BATCH_ROLLBACK_TO)) != SQLITE_OK)
+			break;
+		if (grouped && (rc = batch_control(b, BATCH_RELEASE)) != SQLITE_OK)
+			break;
+	}
+	for (int i = 0; i < n; i++)
+		if (jobs[i]->rc == SQLITE_OK) {
+			committed = 1;
+			durable |= jobs[i]->durable;
+		}
+	if (rc != SQLITE_OK) /* a savepoint could not be taken or let go: nothing is kept */
+		batch_fail_rest(jobs, n, b->db, rc, NULL);
+	else if (committed && (rc = batch_control(b, BATCH_COMMIT)) != SQLITE_OK)
+		batch_fail_rest(jobs, n, b->db, rc, NULL);
+	if (!sqlite3_get_autocommit(b->db))
+		batch_control(b, BATCH_ROLLBACK);
+	if (rc != SQLITE_OK || !committed)
+		return;
+	if (durable && b->sync_normal && b->wal == NULL) {
+		sqlite3_file *wal = NULL;
+		if (sqlite3_file_control(b->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal) == SQLITE_OK && wal != NULL &&
+		    wal->pMethods != NULL) {
+			uv_mutex_lock(&b->lock);
+			b->wal = wal;
+			uv_mutex_unlock(&b->lock);
+		}
+		/* else no WAL (another journal mode): its commits were synced as they happened */
+	}
+	for (int i = 0; i < n; i++)
+		if (jobs[i]->rc == SQLITE_OK)
+			jobs[i]->frames = b->wal_frames;
+}
+
+#define BATCH_GROUP_MAX 64
+
+static void batch_append(batch_job **head, batch_job **tail, batch_job *j)
+{
+	j->next = NULL;
+	if (*tail)
+		(*tail)->next = j;
+	else
+		*head = j;
+	*tail = j;
+}
+
+/* The batch thread: runs what the loop queued, as groups, until told to stop. */
+static void batch_thread_main(void *arg)
+{
+	batch_conn *b = arg;
+	batch_job *group[BATCH_GROUP_MAX];
+	uv_mutex_lock(&b->lock);
+	for (;;) {
+		int n = 0, flush = 0, done = 0;
+		while (b->queue == NULL && !b->stop)
+			uv_cond_wait(&b->wake, &b->lock);
+		if (b->queue == NULL)
+			break;
+		while (b->queue != NULL && n < BATCH_GROUP_MAX) {
+			group[n++] = b->queue;
+			b->queue = b->queue->next;
+		}
+		if (b->queue == NULL)
+			b->queue_tail = NULL;
+		uv_mutex_unlock(&b->lock);
+		batch_group_run(b, group, n);
+		uv_mutex_lock(&b->lock);
+		for (int i = 0; i < n; i++) {
+			batch_job *j = group[i];
+			if (j->rc == SQLITE_OK && j->durable && b->sync_normal && b->wal != NULL) {
+				batch_append(&b->flush, &b->flush_tail, j);
+				flush = 1;
+			} else {
+				batch_append(&b->done, &b->done_tail, j);
+				done = 1;
+			}
+		}
+		if (flush)
+			uv_cond_signal(&b->flush_wake);
+		if (done)
+			uv_async_send(&b->async);
+	}
+	uv_mutex_unlock(&b->lock);
+}
+
+/* The flusher: syncs the WAL for the durable batches committed, as synchronous=FULL would
+ * have in their commit (through SQLite's own handle of the WAL: its xSync is an fdatasync,
+ * safe beside the other thread's writes to the file), then hands them back. */
+static void batch_flusher_main(void *arg)
+{
+	batch_conn *b = arg;
+	uv_mutex_lock(&b->lock);
+	for (;;) {
+		batch_job *j;
+		sqlite3_file *wal;
+		int rc;
+		while (b->flush == NULL && !b->stop)
+			uv_cond_wait(&b->flush_wake, &b->lock);
+		if (b->flush == NULL)
+			break;
+		j = b->flush;
+		b->flush = b->flush_tail = NULL;
+		wal = b->wal;
+		uv_mutex_unlock(&b->lock);
+		rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+		uv_mutex_lock(&b->lock);
+		while (j != NULL) {
+			batch_job *next = j->next;
+			if (rc != SQLITE_OK)
+				batch_fail(j, NULL, rc, 0, "committed, but could not be flushed to disk");
+			batch_append(&b->done, &b->done_tail, j);
+			j = next;
+		}
+		uv_async_send(&b->async);
+	}
+	uv_mutex_unlock(&b->lock);
 }
 
 static void batch_job_free(batch_job *j)
@@ -1313,29 +1523,6 @@ static void batch_cancel(ops_wait *w)
 	(void)w; /* the batch runs to its end; its completion then has nobody to wake */
 }
 
-static void batch_done(uv_work_t *req, int status);
-
-/* Hands j to the thread pool, or (a batch of the connection is in flight: its task was
- * cancelled, which let the next one in) to the end of the line after it. */
-static int batch_start(batch_job *j)
-{
-	batch_conn *b = j->conn;
-	int rc;
-	if (b->in_flight) {
-		j->next = NULL;
-		if (b->pending_tail)
-			b->pending_tail->next = j;
-		else
-			b->pending = j;
-		b->pending_tail = j;
-		return 0;
-	}
-	rc = uv_queue_work(ops_loop(), &j->req, batch_work, batch_done);
-	if (rc == 0)
-		b->in_flight = 1;
-	return rc;
-}
-
 /* Wakes j's task with its results, and lets j go. */
 static void batch_finish(batch_job *j)
 {
@@ -1346,32 +1533,63 @@ static void batch_finish(batch_job *j)
 	batch_job_free(j);
 }
 
-static void batch_done(uv_work_t *req, int status)
+/* On the loop: the batches the thread is done with. */
+static void batch_deliver(uv_async_t *h)
 {
-	batch_job *j = req->data;
+	batch_conn *b = h->data;
+	batch_job *j;
+	uv_mutex_lock(&b->lock);
+	j = b->done;
+	b->done = b->done_tail = NULL;
+	uv_mutex_unlock(&b->lock);
+	while (j != NULL) {
+		batch_job *next = j->next;
+		b->in_flight--;
+		if (j->rc == SQLITE_OK && j->frames >= 0 && !b->orphaned && j->owner->db != NULL)
+			j->owner->wal_frames = j->frames;
+		batch_finish(j);
+		j = next;
+	}
+	if (b->in_flight == 0) {
+		if (b->orphaned)
+			batch_conn_close(b);
+		else
+			uv_unref((uv_handle_t *)&b->async); /* an idle store does not keep the loop going */
+	}
+}
+
+/* Hands j to the connection's thread (started by the first batch). */
+static int batch_start(batch_job *j)
+{
 	batch_conn *b = j->conn;
-	b->in_flight = 0;
-	if (j->rc == SQLITE_OK && j->frames >= 0 && !b->orphaned && j->owner->db != NULL)
-		j->owner->wal_frames = j->frames;
-	if (status < 0 && j->rc == SQLITE_OK) {
-		j->rc = SQLITE_ERROR;
-		snprintf(j->err, sizeof j->err, "SQLITE_ERROR: the batch did not run: %s", uv_strerror(status));
+	int rc;
+	if (!b->async_ready) {
+		if ((rc = uv_async_init(ops_loop(), &b->async, batch_deliver)) < 0)
+			return rc;
+		b->async_ready = 1;
 	}
-	batch_finish(j);
-	while (b->pending != NULL) {
-		batch_job *next = b->pending;
-		int rc;
-		b->pending = next->next;
-		if (b->pending == NULL)
-			b->pending_tail = NULL;
-		if ((rc = batch_start(next)) == 0)
-			return;
-		next->rc = SQLITE_ERROR;
-		snprintf(next->err, sizeof next->err, "SQLITE_ERROR: the batch did not run: %s", uv_strerror(rc));
-		batch_finish(next);
+	if (!b->thread_started) {
+		if ((rc = uv_thread_create(&b->thread, batch_thread_main, b)) < 0)
+			return rc;
+		b->thread_started = 1;
 	}
-	if (b->orphaned)
-		batch_conn_close(b);
+	if (!b->flusher_started) {
+		if ((rc = uv_thread_create(&b->flusher, batch_flusher_main, b)) < 0)
+			return rc;
+		b->flusher_started = 1;
+	}
+	j->next = NULL;
+	uv_mutex_lock(&b->lock);
+	if (b->queue_tail)
+		b->queue_tail->next = j;
+	else
+		b->queue = j;
+	b->queue_tail = j;
+	uv_cond_signal(&b->wake);
+	uv_mutex_unlock(&b->lock);
+	if (b->in_flight++ == 0)
+		uv_ref((uv_handle_t *)&b->async);
+	return 0;
 }
 
 /* Reads the statements at index 1 into j; raises on misuse. */
@@ -1524,21 +1742,12 @@ static int db_batch(lua_State *L)
 		batch_job_free(j);
 		return nret;
 	}
-	if (d->batch == NULL) {
-		d->batch = calloc(1, sizeof *d->batch);
-		if (d->batch == NULL || (d->batch->path = strdup(file)) == NULL) {
-			free(d->batch);
-			d->batch = NULL;
-			batch_job_free(j);
-			return luaL_error(L, "out of memory");
-		}
-		d->batch->busy_ms = d->busy_ms;
-		d->batch->sync_normal = d->sync_normal;
-		d->batch->autocheckpoint = d->autocheckpoint;
+	if (d->batch == NULL && (d->batch = batch_conn_new(file, d)) == NULL) {
+		batch_job_free(j);
+		return luaL_error(L, "out of memory");
 	}
 	j->owner = d;
 	j->conn = d->batch;
-	j->req.data = j;
 	j->w.cancel = batch_cancel;
 	rc = batch_start(j);
 	if (rc < 0) {
@@ -1563,6 +1772,7 @@ static int store_now(lua_State *L)
 static const luaL_Reg db_methods[] = {
 	{"exec", db_exec},
 	{"query", db_query},
+	{"_read", db_read},
 	{"rows", db_rows},
 	{"exec_script", db_exec_script},
 	{"in_transaction", db_in_transaction},

@@ -1098,6 +1098,69 @@ describe("db:batch", function()
     assert.same({{x = "first"}, {x = "second"}}, db:query("SELECT x FROM t ORDER BY id"))
   end)
 
+  -- a batch that keeps the batch thread busy for a while (tens of ms), so that the
+  -- batches sent meanwhile wait for it together, and are then run as one transaction
+  local SLOW = {"WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 400000) "
+    .. "SELECT count(*) AS n FROM c"}
+
+  it("runs the batches of several tasks in the order they came, each all or nothing, one failing alone", function()
+    local done = {}
+    local function send(name, statements, opts)
+      return ops.spawn(function()
+        local r, err = db:batch(statements, opts)
+        done[#done + 1] = name
+        return r, err
+      end)
+    end
+    local slow = send("slow", {SLOW, {"INSERT INTO t (x) VALUES (?)", "s"}})
+    ops.sleep(0) -- it is on the batch thread
+    local a = send("a", {{"INSERT INTO t (x) VALUES (?)", "a1"}, {"INSERT INTO t (x) VALUES (?)", "a2"}})
+    local bad = send("bad", {{"INSERT INTO t (x) VALUES (?)", "b1"}, {"INSERT INTO t (x) VALUES (?)", "a1"}})
+    local c = send("c", {{"INSERT INTO t (x) VALUES (?)", "c1"}, {"SELECT count(*) AS n FROM t"}}, {sync = true})
+    local d = send("d", {{"UPDATE t SET y = 'seen' WHERE x = ? RETURNING x", "c1"}})
+    for _, t in ipairs({slow, a, bad, c, d}) do assert(t:wait(30)) end
+    -- answered in the order they ran, but for the durable one (c), answered when the WAL is
+    -- on disk: possibly after d
+    assert.same({"slow", "a", "bad"}, {done[1], done[2], done[3]})
+    local _, r = slow:wait()
+    assert.equal(400000, r[1][1].n)
+    _, r = a:wait()
+    assert.same({changes = 1, rowid = 3}, r[2])
+    local _, rb, errb = bad:wait()
+    assert.is_nil(rb)
+    assert.matches("^SQLITE_CONSTRAINT: UNIQUE constraint failed: t%.x %(statement 2 of the batch%)$", errb)
+    _, r = c:wait()
+    assert.equal(4, r[2][1].n) -- s, a1, a2 and its own c1: nothing of the failed batch
+    _, r = d:wait()
+    assert.same({{x = "c1"}}, r[1]) -- it sees the batches before it
+    assert.same({{x = "s"}, {x = "a1"}, {x = "a2"}, {x = "c1", y = "seen"}}, db:query("SELECT x, y FROM t ORDER BY id"))
+    -- another connection sees them all: committed
+    local other = assert(store.open(path))
+    assert.equal(4, other:query("SELECT count(*) AS n FROM t")[1].n)
+    other:close()
+  end)
+
+  it("lets a query that only reads run while batches are in flight; one that writes waits for them", function()
+    local order = {}
+    local batcher = ops.spawn(function()
+      assert(db:batch({SLOW, {"INSERT INTO t (x) VALUES (?)", "batched"}}))
+      order[#order + 1] = "batch"
+    end)
+    local reader = ops.spawn(function()
+      ops.sleep(0) -- the batch is on its thread
+      local rows = assert(db:query("SELECT count(*) AS n FROM t"))
+      order[#order + 1] = "read " .. rows[1].n
+    end)
+    local writer = ops.spawn(function()
+      ops.sleep(0)
+      local rows = assert(db:query("INSERT INTO t (x) VALUES (?) RETURNING id", "queried"))
+      order[#order + 1] = "write " .. rows[1].id
+    end)
+    for _, t in ipairs({batcher, reader, writer}) do assert(t:wait(30)) end
+    -- the read saw what was committed before the batch; the write came after it
+    assert.same({"read 0", "batch", "write 2"}, order)
+  end)
+
   it("runs inside the caller's transaction as a savepoint: rolled back with it", function()
     local ok = pcall(db.transaction, db, function()
       assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "inner"}}))

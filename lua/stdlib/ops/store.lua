@@ -25,7 +25,7 @@ local states = setmetatable({}, { __mode = "k" })
 local function state_of(db)
   local st = states[db]
   if not st then
-    st = { mutex = sync.mutex(), depth = 0 }
+    st = { mutex = sync.mutex(), depth = 0, batches = 0 }
     states[db] = st
   end
   return st
@@ -52,8 +52,24 @@ local function guarded(fn)
 end
 
 methods.exec = guarded(c_exec)
-methods.query = guarded(c_query)
 methods.exec_script = guarded(c_exec_script)
+
+-- While only batches hold the connection (BATCHING, below: they run on a connection of
+-- their own, and no transaction is open on this one), a query that only reads runs at
+-- once: it sees what was committed, as SQLite's WAL gives readers. One that writes waits
+-- its turn, as exec does.
+local c_read = methods._read
+methods._read = nil
+local BATCHING
+local guarded_query = guarded(c_query)
+function methods.query(db, ...)
+  local st = states[db]
+  if st and st.mutex.owner == BATCHING then
+    local rows, err, code = c_read(db, ...)
+    if rows ~= false then return rows, err, code end
+  end
+  return guarded_query(db, ...)
+end
 
 -- db:checkpoint() -> wal_frames, checkpointed_frames | nil, err, code
 -- The checkpoint itself runs on the thread pool (core); meanwhile this connection's other
@@ -265,9 +281,11 @@ end
 -- statements: an array of {sql, arg, ...} (set n = 1 + the number of arguments when one
 -- of them is nil). Runs them in order in one transaction (all or nothing) and gives one
 -- result per statement: its rows when it has result columns (SELECT, ... RETURNING), else
--- {changes =, rowid =}. From a task, outside a transaction of its own, they run on
--- libuv's thread pool through a connection of the db's own, so the loop goes on
--- meanwhile; this connection's other tasks are held off as by a transaction. Inside the
+-- {changes =, rowid =}. From a task, outside a transaction of its own, they run on a
+-- thread and a connection of the db's own, so the loop goes on meanwhile (the batches of
+-- several tasks in the order they came, those waiting together as one transaction, each
+-- in a savepoint); this connection's writers wait for them, as for a transaction, and
+-- its queries that only read do not. Inside the
 -- caller's transaction (as a savepoint), outside a task, or for a database in memory,
 -- they run here. sync: the commit is on disk when batch returns, as with
 -- synchronous=FULL, whatever the connection's setting (inside the caller's transaction,
@@ -275,10 +293,26 @@ end
 local c_batch = methods._batch
 methods._batch = nil
 
-local function batch_offloaded(db, st, co, statements, durable)
+-- While batches are on their thread, the mutex is held by this token, not by a task: a
+-- batch of another task goes along (the core runs batches in the order they came, those
+-- waiting together as one transaction), unless some task already waits in line for the
+-- connection (a transaction, exec, a query that writes, a checkpoint): then it waits its
+-- turn too. The last batch back lets go.
+BATCHING = setmetatable({}, { __name = "ops.store batches in flight" })
+
+local function batch_offloaded(db, st, statements, durable)
   local m = st.mutex
-  m:lock()
-  local unlock <close> = setmetatable({}, { __close = function() m:unlock(co) end })
+  if m.owner == BATCHING and m.head > m.tail then
+    st.batches = st.batches + 1
+  else
+    m:lock()
+    m.owner = BATCHING
+    st.batches = 1
+  end
+  local leave <close> = setmetatable({}, { __close = function()
+    st.batches = st.batches - 1
+    if st.batches == 0 then m:unlock(BATCHING) end
+  end })
   return c_batch(db, statements, false, durable)
 end
 
@@ -299,7 +333,7 @@ function methods:batch(statements, opts)
   local nested = st.depth > 0 and st.mutex.owner == co
   local results, err, code = false, nil, nil
   if not nested and current_task() and coroutine.isyieldable() then
-    results, err, code = batch_offloaded(self, st, co, statements, durable)
+    results, err, code = batch_offloaded(self, st, statements, durable)
   end
   if results == false then -- run here, as a transaction (a savepoint inside the caller's)
     local level = durable and not nested and must(c_query(self, "PRAGMA synchronous"))[1].synchronous

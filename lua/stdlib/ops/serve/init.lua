@@ -324,8 +324,8 @@ local function checkpointer(ctx)
 end
 
 -- Group commit: handlers hand their delivery to one writer task, which commits whatever
--- has gathered in one transaction, durably (db:batch with sync: on libuv's thread pool, a
--- commit with synchronous=FULL, so the WAL is on disk when it ends: one fdatasync for many
+-- has gathered in one transaction, durably (db:batch with sync: off the loop, a commit and
+-- then an fdatasync of the WAL, so the WAL is on disk when it ends: one fdatasync for many
 -- deliveries, and the loop goes on receiving meanwhile), and then wakes each handler with
 -- its id. A handler answers only after that.
 local function delivery_writer(ctx)
@@ -507,8 +507,8 @@ function serve.start(settings)
     local row = ctx.db:query("SELECT commit_id FROM serve_targets WHERE hook = ?", name)[1]
     return row and row.commit_id
   end
-  --- marks the items done and records their outcome, in one transaction (a db:batch, on the
-  --- thread pool) of the UPDATE for the group, an INSERT ... SELECT of the outcomes of those it
+  --- marks the items done and records their outcome, in one transaction (a db:batch, off
+  --- the loop) of the UPDATE for the group, an INSERT ... SELECT of the outcomes of those it
   --- still held (done by this worker), and the hook's last commit; with claim (as
   --- q:complete_many takes it), claims the worker's next group in it too, and returns it
   function ctx.finish(hook, me, items, status, run_id, target, claim)
