@@ -522,6 +522,29 @@ hooks:
       h.rmtree(dir)
     end)
 
+    it("with coalesce, claims a busy hook's next group only that many seconds after its last", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format("coalesce: 3\nhooks:\n  ops: {repo: %s, branch: main, secret_env: HOOK_SECRET}\n",
+        repo), recording_env(dir))
+      local body = H.push_body("refs/heads/main", c0, c1)
+      -- an idle hook's push is deployed at once, alone
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "p1")))
+      H.wait("p1 to end", function() return calls(dir, "WHERE delivery = 'p1' AND phase = 'end'")[1] end, 30)
+      -- the next ones, sent apart within the window after it, go into one group
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "p2")))
+      ops.sleep(0.5)
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "p3")))
+      H.wait("p3 to end", function() return calls(dir, "WHERE delivery = 'p3' AND phase = 'end'")[1] end, 30)
+      srv.stop()
+      local batches = {}
+      for _, r in ipairs(calls(dir, "WHERE phase = 'start'")) do
+        if batches[#batches] ~= r.batch then batches[#batches + 1] = r.batch end
+      end
+      assert.same({"p1", "p2,p3"}, batches)
+      h.rmtree(dir)
+    end)
+
     it("hands the deploy slot to a hook waiting for it before a busy hook's next group (jobs: 1)", function()
       local dir, srv, body = two_hooks(1)
       assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a1")))
@@ -758,6 +781,10 @@ hooks:
       r = h.run_opsrun({"serve", "--config", dir .. "/serve.yaml"})
       assert.matches("hooks.ops.secret must not be written in the config", r.stderr)
       assert.is_nil(r.stderr:find("hunter2hunter2", 1, true))
+      h.write(dir .. "/serve.yaml", "coalesce: -1\nhooks:\n  ops: {repo: /x, secret_env: HOME}\n")
+      r = h.run_opsrun({"serve", "--config", dir .. "/serve.yaml"})
+      assert.equal(1, r.code)
+      assert.matches("serve.yaml: coalesce .*must be a number of at least 0, not %-1", r.stderr)
       h.rmtree(dir)
     end)
   end)

@@ -6,6 +6,7 @@
 --   jobs: 4                           # targets (hooks) deployed at once
 --   drain: 30                         # seconds to finish work on SIGTERM
 --   lease: 60                         # seconds a worker's claim lasts without renewal
+--   coalesce: 0.01                    # seconds a busy hook waits before its next group
 --   max_body: 26214400                # largest delivery, in bytes (413 above)
 --   keep_days: 30                     # done deliveries kept (their ids de-duplicate)
 --   log_limit: 10                     # lines per hook and kind about bad deliveries ...
@@ -33,7 +34,7 @@ local history = require "ops.deploy.history"
 
 local config = {}
 
-config.KEYS = {"listen", "store", "mirrors", "jobs", "drain", "lease", "max_body", "keep_days", "log_limit",
+config.KEYS = {"listen", "store", "mirrors", "jobs", "drain", "lease", "coalesce", "max_body", "keep_days", "log_limit",
   "log_window", "notify", "hooks"}
 config.HOOK_KEYS = {"provider", "repo", "branch", "secret_env", "secret_file", "mode", "environments",
   "jobs", "deploy", "plans"}
@@ -120,6 +121,7 @@ function config.check(raw, file, opts)
     jobs = number(file, "jobs", raw.jobs, 4, 1, true),
     drain = number(file, "drain", raw.drain, 30, 0),
     lease = number(file, "lease", raw.lease, 60, 5),
+    coalesce = number(file, "coalesce", raw.coalesce, 0.01, 0),
     max_body = number(file, "max_body", raw.max_body, 25 * 1024 * 1024, 1024, true),
     keep_days = number(file, "keep_days", raw.keep_days, 30, 0),
     log_limit = number(file, "log_limit", raw.log_limit, 10, 0, true),

@@ -190,6 +190,10 @@ function worker.loop(ctx, name)
   -- the next group, claimed in the transaction that completed the last one; the slot it
   -- was deployed in is kept for it (only when no other hook was waiting for a slot)
   local ahead = nil
+  -- the last group had deliveries: the next claim waits settings.coalesce seconds first,
+  -- so that a busy hook's pushes arriving meanwhile go into one group (an idle hook's
+  -- first push is claimed at once)
+  local busy = false
   local guard <close> = setmetatable({}, {__close = function()
     if ahead then ahead = nil; ctx.slots:release() end -- leased: handed back by serve.stop, or its lease runs out
   end})
@@ -198,6 +202,10 @@ function worker.loop(ctx, name)
     if not hook then return end
     local items, claim_err = ahead, nil
     ahead = nil
+    if not items and busy and ctx.settings.coalesce > 0 then
+      ops.sleep(ctx.settings.coalesce) -- holding no slot
+      if ctx.stopping then break end
+    end
     if not items then ctx.slots:acquire() end
     local released = false
     local function release()
@@ -215,6 +223,7 @@ function worker.loop(ctx, name)
       items = {}
       log.error("cannot claim deliveries: " .. tostring(claim_err), {hook = name})
     end
+    busy = #items > 0
     if #items == 0 then
       release()
       if not ctx.stopping then ctx.wait_for_work(name) end
@@ -227,7 +236,7 @@ function worker.loop(ctx, name)
       end)
       ctx.busy[name] = nil
       if ok then
-        local again = not ctx.stopping and #ctx.slots.waiting == 0
+        local again = not ctx.stopping and #ctx.slots.waiting == 0 and ctx.settings.coalesce <= 0
           and {lease = ctx.settings.lease, kinds = {kind}, limit = worker.MAX_GROUP} or nil
         local nxt = ctx.finish(hook, me, items, status, run_id, target, again)
         if nxt and #nxt > 0 then
