@@ -108,7 +108,12 @@ YAML
   [ "$dups" = 0 ] || { echo "opsrun: $dups deliveries were duplicates: the delivery ids are not unique" >&2; exit 1; }
   [ "$queued" -ge "$opsrun_requests" ] || { echo "opsrun: $queued queued < $opsrun_requests answered" >&2; exit 1; }
   rows=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from ops_queue where queue = ?", ("deliveries",)).fetchone()[0])' "$work/state-$1/opsrun.db")
-  echo "opsrun   $queued deliveries queued, $rows in the store, $(awk '/^opsrun_queue_depth/ {print $2}' <<< "$metrics") not yet processed by the workers"
+  local depth
+  depth=$(awk '/^opsrun_queue_depth/ {print $2}' <<< "$metrics")
+  echo "opsrun   $queued deliveries queued, $rows in the store, $depth not yet processed by the workers"
+  # the workers must keep up during the measurement (a backlog would have spared the
+  # receiver their transactions): at the end, at most two full groups may be in flight
+  [ "$depth" -le 200 ] || { echo "opsrun: the workers fell behind: $depth deliveries not processed at the end" >&2; exit 1; }
   kill -TERM "$opsrun_pid"
   wait "$opsrun_pid" || { echo "opsrun serve did not exit 0 on SIGTERM" >&2; exit 1; }
   rm -rf "$work/state-$1"

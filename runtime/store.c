@@ -899,6 +899,7 @@ struct batch_conn {
 	struct batch_job *flush, *flush_tail; /* committed, waiting for the WAL's flush */
 	struct batch_job *done, *done_tail;   /* back from them, for the loop */
 	sqlite3_file *wal;                    /* the WAL the flusher syncs, once a batch committed */
+	int flushing;                         /* a thread is syncing it */
 	int stop;
 	/* the thread's side */
 	int wal_frames; /* written by its WAL hook, read by the batch that committed */
@@ -1368,6 +1369,8 @@ static void batch_group_run(batch_conn *b, batch_job **jobs, int n)
 
 #define BATCH_GROUP_MAX 64
 
+static void batch_flush_waiting(batch_conn *b);
+
 static void batch_append(batch_job **head, batch_job **tail, batch_job *j)
 {
 	j->next = NULL;
@@ -1409,43 +1412,53 @@ static void batch_thread_main(void *arg)
 				done = 1;
 			}
 		}
-		if (flush)
-			uv_cond_signal(&b->flush_wake);
 		if (done)
 			uv_async_send(&b->async);
+		/* nothing else waits for this thread, and the flusher is idle: no need to wake it */
+		if (flush && b->queue == NULL && !b->flushing)
+			batch_flush_waiting(b);
+		else if (flush)
+			uv_cond_signal(&b->flush_wake);
 	}
 	uv_mutex_unlock(&b->lock);
 }
 
-/* The flusher: syncs the WAL for the durable batches committed, as synchronous=FULL would
- * have in their commit (through SQLite's own handle of the WAL: its xSync is an fdatasync,
- * safe beside the other thread's writes to the file), then hands them back. */
+/* Under b->lock (let go meanwhile): syncs the WAL for the durable batches committed, as
+ * synchronous=FULL would have in their commit (through SQLite's own handle of the WAL: its
+ * xSync is an fdatasync, safe beside the other thread's writes to the file; never two at
+ * once, by `flushing`), then hands them back. */
+static void batch_flush_waiting(batch_conn *b)
+{
+	batch_job *j = b->flush;
+	sqlite3_file *wal = b->wal;
+	int rc;
+	b->flush = b->flush_tail = NULL;
+	b->flushing = 1;
+	uv_mutex_unlock(&b->lock);
+	rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+	uv_mutex_lock(&b->lock);
+	b->flushing = 0;
+	while (j != NULL) {
+		batch_job *next = j->next;
+		if (rc != SQLITE_OK)
+			batch_fail(j, NULL, rc, 0, "committed, but could not be flushed to disk");
+		batch_append(&b->done, &b->done_tail, j);
+		j = next;
+	}
+	uv_async_send(&b->async);
+}
+
+/* The flusher: flushes the batches the batch thread committed while it had more to run. */
 static void batch_flusher_main(void *arg)
 {
 	batch_conn *b = arg;
 	uv_mutex_lock(&b->lock);
 	for (;;) {
-		batch_job *j;
-		sqlite3_file *wal;
-		int rc;
 		while (b->flush == NULL && !b->stop)
 			uv_cond_wait(&b->flush_wake, &b->lock);
 		if (b->flush == NULL)
 			break;
-		j = b->flush;
-		b->flush = b->flush_tail = NULL;
-		wal = b->wal;
-		uv_mutex_unlock(&b->lock);
-		rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
-		uv_mutex_lock(&b->lock);
-		while (j != NULL) {
-			batch_job *next = j->next;
-			if (rc != SQLITE_OK)
-				batch_fail(j, NULL, rc, 0, "committed, but could not be flushed to disk");
-			batch_append(&b->done, &b->done_tail, j);
-			j = next;
-		}
-		uv_async_send(&b->async);
+		batch_flush_waiting(b);
 	}
 	uv_mutex_unlock(&b->lock);
 }

@@ -192,7 +192,7 @@ function worker.loop(ctx, name)
   local ahead = nil
   -- the last group had deliveries: the next claim waits settings.coalesce seconds first,
   -- so that a busy hook's pushes arriving meanwhile go into one group (an idle hook's
-  -- first push is claimed at once)
+  -- first push is claimed at once; after a full group, more are waiting: no wait)
   local busy = false
   local guard <close> = setmetatable({}, {__close = function()
     if ahead then ahead = nil; ctx.slots:release() end -- leased: handed back by serve.stop, or its lease runs out
@@ -223,7 +223,7 @@ function worker.loop(ctx, name)
       items = {}
       log.error("cannot claim deliveries: " .. tostring(claim_err), {hook = name})
     end
-    busy = #items > 0
+    busy = #items > 0 and #items < worker.MAX_GROUP
     if #items == 0 then
       release()
       if not ctx.stopping then ctx.wait_for_work(name) end
