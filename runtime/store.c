@@ -1017,29 +1017,25 @@ static batch_conn *batch_conn_new(const char *path, const store_db *d)
 	batch_conn *b = calloc(1, sizeof *b);
 	if (b == NULL)
 		return NULL;
-	if ((b->path = strdup(path)) == NULL || uv_mutex_init(&b->lock) != 0) {
-		free(b->path);
-		free(b);
-		return NULL;
-	}
-	if (uv_cond_init(&b->wake) != 0) {
-		uv_mutex_destroy(&b->lock);
-		free(b->path);
-		free(b);
-		return NULL;
-	}
-	if (uv_cond_init(&b->flush_wake) != 0) {
-		uv_cond_destroy(&b->wake);
-		uv_mutex_destroy(&b->lock);
-		free(b->path);
-		free(b);
-		return NULL;
-	}
+	if ((b->path = strdup(path)) == NULL || uv_mutex_init(&b->lock) != 0)
+		goto no_lock;
+	if (uv_cond_init(&b->wake) != 0)
+		goto no_wake;
+	if (uv_cond_init(&b->flush_wake) != 0)
+		goto no_flush_wake;
 	b->async.data = b;
 	b->busy_ms = d->busy_ms;
 	b->sync_normal = d->sync_normal;
 	b->autocheckpoint = d->autocheckpoint;
 	return b;
+no_flush_wake:
+	uv_cond_destroy(&b->wake);
+no_wake:
+	uv_mutex_destroy(&b->lock);
+no_lock:
+	free(b->path);
+	free(b);
+	return NULL;
 }
 
 static int batch_wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
