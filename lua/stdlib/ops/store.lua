@@ -414,8 +414,8 @@ end
 
 -- q:enqueue_many(entries [, {sync = true}]) -> count | nil, err, code
 -- entries: an array of {kind =, payload =, key =}; sets each entry's id and outcome
--- ("queued" or "duplicate"), as enqueue would. All or nothing: one db:batch (on the thread
--- pool from a task; a savepoint inside the caller's transaction) of one INSERT per entry;
+-- ("queued" or "duplicate"), as enqueue would. All or nothing: one db:batch (off the loop
+-- from a task; a savepoint inside the caller's transaction) of one INSERT per entry;
 -- then, for an entry whose key was taken (a redelivery: rare), the id of the item that has
 -- it, read once the entries are stored. sync: as db:batch's (on disk when it returns).
 function Queue:enqueue_many(entries, opts)
@@ -547,7 +547,7 @@ end
 -- Marks done, in one statement, every item of ids that worker still holds. done: the ids
 -- completed, lost: those whose lease was lost (each id is in one of them), both in the
 -- order of ids. more: statements (as db:batch takes them) run after it in the same
--- transaction (one db:batch: on the thread pool from a task), e.g. the outcomes of the
+-- transaction (one db:batch: off the loop from a task), e.g. the outcomes of the
 -- items done; an item this call completed is then state 'done' with worker = worker.
 -- claim = {lease =, kinds =, limit =}: then, in the same transaction, leases the worker's
 -- next items as claim_many(worker, lease, kinds, limit) would: claimed.
