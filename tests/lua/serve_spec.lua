@@ -545,6 +545,53 @@ hooks:
       h.rmtree(dir)
     end)
 
+    it("claims again at once after a full group whatever coalesce says, and ends its pause on SIGTERM", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format([[
+jobs: 1
+coalesce: 60
+drain: 5
+hooks:
+  a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
+  b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
+]], repo, repo), recording_env(dir, {SERVE_SLEEP_B = "3"}))
+      local body = H.push_body("refs/heads/main", c0, c1)
+      assert.equal(202, (H.github(srv.hook("b"), SECRET, body, "b1")))
+      H.wait("b1 to start", function() return calls(dir, "WHERE delivery = 'b1'")[1] end)
+      -- while b's deploy holds the only slot, 150 deliveries for a (over real HTTP, at once)
+      local sig, sent = H.sign(SECRET, body), {}
+      for i = 1, 150 do
+        sent[i] = ops.spawn(function()
+          local r = assert(ops.http.request({method = "POST", url = srv.hook("a"), body = body, timeout = 30,
+            headers = {["content-type"] = "application/json", ["x-github-event"] = "push",
+              ["x-github-delivery"] = "a" .. i, ["x-hub-signature-256"] = sig}}))
+          return r.status
+        end)
+      end
+      for i = 1, 150 do
+        local ok, status = sent[i]:wait(30)
+        assert.is_true(ok)
+        assert.equal(202, status)
+      end
+      assert.is_nil(calls(dir, "WHERE hook = 'a'")[1], "a deployed while b held the slot")
+      -- a then takes a full group (100) and the other 50 at once: not 60 s later
+      H.wait("a150 to end", function() return calls(dir, "WHERE delivery = 'a150' AND phase = 'end'")[1] end, 30)
+      local groups = {}
+      for _, r in ipairs(calls(dir, "WHERE hook = 'a' AND phase = 'start'")) do
+        if groups[#groups] ~= r.batch then groups[#groups + 1] = r.batch end
+      end
+      assert.equal(2, #groups)
+      local _, first = groups[1]:gsub(",", "")
+      local _, second = groups[2]:gsub(",", "")
+      assert.same({100, 50}, {first + 1, second + 1})
+      -- both workers now pause for 60 s (b after b1, a after its 50): SIGTERM ends that
+      local r = srv.stop()
+      assert.equal(0, r.code)
+      assert.is_nil(srv.log():find("handed back unfinished work", 1, true))
+      h.rmtree(dir)
+    end)
+
     it("hands the deploy slot to a hook waiting for it before a busy hook's next group (jobs: 1)", function()
       local dir, srv, body = two_hooks(1)
       assert.equal(202, (H.github(srv.hook("a"), SECRET, body, "a1")))

@@ -481,6 +481,14 @@ function serve.start(settings)
       woken[name] = true
     end
   end
+  --- a busy hook's pause before its next claim (settings.coalesce): deliveries do not end
+  --- it, stopping does
+  ctx.settling = {}
+  function ctx.settle(name, seconds)
+    ctx.settling[name] = sched.current()
+    sched.suspend(seconds)
+    ctx.settling[name] = nil
+  end
   function ctx.wait_for_work(name)
     if woken[name] then
       woken[name] = nil
@@ -559,6 +567,7 @@ function serve.stop(ctx)
   ctx.stopping = true
   log.info("stopping: finishing in-flight work for up to " .. ctx.settings.drain .. "s")
   for name in pairs(ctx.waiting) do ctx.wake(name) end
+  for _, t in pairs(ctx.settling) do sched.wake(t) end
   local deadline = time.monotonic() + ctx.settings.drain
   ctx.server:close(math.max(1, ctx.settings.drain))
   ctx.housekeeper:cancel()

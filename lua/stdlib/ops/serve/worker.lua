@@ -203,7 +203,7 @@ function worker.loop(ctx, name)
     local items, claim_err = ahead, nil
     ahead = nil
     if not items and busy and ctx.settings.coalesce > 0 then
-      ops.sleep(ctx.settings.coalesce) -- holding no slot
+      ctx.settle(name, ctx.settings.coalesce) -- holding no slot
       if ctx.stopping then break end
     end
     if not items then ctx.slots:acquire() end
