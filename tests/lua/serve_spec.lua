@@ -54,6 +54,15 @@ local function calls(dir, where, ...)
   return ok and rows or {}
 end
 
+-- the groups a hook deployed, in order: each its deliveries joined by ","
+local function groups(dir, hook)
+  local out = {}
+  for _, r in ipairs(calls(dir, "WHERE hook = ? AND phase = 'start'", hook)) do
+    if out[#out] ~= r.batch then out[#out + 1] = r.batch end
+  end
+  return out
+end
+
 -- a repo whose pushes always change something (so the mapper is called): c0 -> c1
 local function small_repo(dir)
   local repo = H.repo(dir .. "/repo")
@@ -537,11 +546,7 @@ hooks:
       assert.equal(202, (H.github(srv.hook("ops"), SECRET, body, "p3")))
       H.wait("p3 to end", function() return calls(dir, "WHERE delivery = 'p3' AND phase = 'end'")[1] end, 30)
       srv.stop()
-      local batches = {}
-      for _, r in ipairs(calls(dir, "WHERE phase = 'start'")) do
-        if batches[#batches] ~= r.batch then batches[#batches + 1] = r.batch end
-      end
-      assert.same({"p1", "p2,p3"}, batches)
+      assert.same({"p1", "p2,p3"}, groups(dir, "ops"))
       h.rmtree(dir)
     end)
 
@@ -577,13 +582,10 @@ hooks:
       assert.is_nil(calls(dir, "WHERE hook = 'a'")[1], "a deployed while b held the slot")
       -- a then takes a full group (100) and the other 50 at once: not 60 s later
       H.wait("a150 to end", function() return calls(dir, "WHERE delivery = 'a150' AND phase = 'end'")[1] end, 30)
-      local groups = {}
-      for _, r in ipairs(calls(dir, "WHERE hook = 'a' AND phase = 'start'")) do
-        if groups[#groups] ~= r.batch then groups[#groups + 1] = r.batch end
-      end
-      assert.equal(2, #groups)
-      local _, first = groups[1]:gsub(",", "")
-      local _, second = groups[2]:gsub(",", "")
+      local a = groups(dir, "a")
+      assert.equal(2, #a)
+      local _, first = a[1]:gsub(",", "")
+      local _, second = a[2]:gsub(",", "")
       assert.same({100, 50}, {first + 1, second + 1})
       -- both workers now pause for 60 s (b after b1, a after its 50): SIGTERM ends that
       local r = srv.stop()
