@@ -830,10 +830,19 @@ hooks:
       r = h.run_opsrun({"serve", "--config", dir .. "/serve.yaml"})
       assert.matches("hooks.ops.secret must not be written in the config", r.stderr)
       assert.is_nil(r.stderr:find("hunter2hunter2", 1, true))
-      h.write(dir .. "/serve.yaml", "coalesce: -1\nhooks:\n  ops: {repo: /x, secret_env: HOME}\n")
-      r = h.run_opsrun({"serve", "--config", dir .. "/serve.yaml"})
-      assert.equal(1, r.code)
-      assert.matches("serve.yaml: coalesce .*must be a number of at least 0, not %-1", r.stderr)
+      for _, case in ipairs({
+        {"coalesce: -1", "coalesce .*must be a number of at least 0 and at most 3600, not %-1"},
+        {"coalesce: 4000", "coalesce .*must be a number of at least 0 and at most 3600, not 4000"},
+        {"coalesce: .inf", "coalesce .*must be a number of at least 0 and at most 3600, not inf"},
+        {"coalesce: 1e400", "coalesce .*must be a number of at least 0 and at most 3600"},
+        {"drain: .nan", "drain .*must be a number of at least 0, not"},
+        {"lease: .inf", "lease .*must be a number of at least 5, not"},
+      }) do
+        h.write(dir .. "/serve.yaml", case[1] .. "\nhooks:\n  ops: {repo: /x, secret_env: HOME}\n")
+        r = h.run_opsrun({"serve", "--config", dir .. "/serve.yaml"})
+        assert.equal(1, r.code, case[1])
+        assert.matches("serve.yaml: " .. case[2], r.stderr)
+      end
       h.rmtree(dir)
     end)
   end)

@@ -101,13 +101,14 @@ function config.load(path, opts)
   return config.check(raw, path, opts)
 end
 
-local function number(file, key, v, default, min, whole)
+-- a finite number in [min, max] (max: none when nil); NaN and infinities are refused
+local function number(file, key, v, default, min, whole, max)
   if v == nil or v == yaml.null then return default end
   local n = tonumber(v)
   if whole then n = n and math.tointeger(n) end
-  if not n or n < min then
-    bad(file, key, string.format("must be a %s of at least %s, not %s", whole and "whole number" or "number",
-      tostring(min), tostring(v)))
+  if not n or n ~= n or n < min or n == math.huge or (max and n > max) then
+    bad(file, key, string.format("must be a %s of at least %s%s, not %s", whole and "whole number" or "number",
+      tostring(min), max and (" and at most " .. tostring(max)) or "", tostring(v)))
   end
   return n
 end
@@ -121,7 +122,7 @@ function config.check(raw, file, opts)
     jobs = number(file, "jobs", raw.jobs, 4, 1, true),
     drain = number(file, "drain", raw.drain, 30, 0),
     lease = number(file, "lease", raw.lease, 60, 5),
-    coalesce = number(file, "coalesce", raw.coalesce, 0.01, 0),
+    coalesce = number(file, "coalesce", raw.coalesce, 0.01, 0, false, 3600),
     max_body = number(file, "max_body", raw.max_body, 25 * 1024 * 1024, 1024, true),
     keep_days = number(file, "keep_days", raw.keep_days, 30, 0),
     log_limit = number(file, "log_limit", raw.log_limit, 10, 0, true),
