@@ -489,16 +489,20 @@ hooks:
   end)
 
   describe("serialising and coalescing", function()
-    -- a server with hooks a and b on one repo, whose deploys take a second; -> dir, srv, body
-    local function two_hooks(jobs)
+    -- a server with hooks a and b on one repo, whose deploys take a second (unless env
+    -- says otherwise), and more settings (YAML lines); -> dir, srv, body
+    local function two_hooks(jobs, settings, env)
       local dir = h.tmpdir()
       local repo, c0, c1 = small_repo(dir)
+      local sleeps = {SERVE_SLEEP = "1"}
+      for k, v in pairs(env or {}) do sleeps[k] = v end
       local srv = H.server(dir, string.format([[
 jobs: %d
+%s
 hooks:
   a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
   b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-]], jobs, repo, repo), recording_env(dir, {SERVE_SLEEP = "1"}))
+]], jobs, settings or "", repo, repo), recording_env(dir, sleeps))
       return dir, srv, H.push_body("refs/heads/main", c0, c1)
     end
 
@@ -551,17 +555,7 @@ hooks:
     end)
 
     it("claims again at once after a full group whatever coalesce says, and ends its pause on SIGTERM", function()
-      local dir = h.tmpdir()
-      local repo, c0, c1 = small_repo(dir)
-      local srv = H.server(dir, string.format([[
-jobs: 1
-coalesce: 60
-drain: 5
-hooks:
-  a: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-  b: {repo: %s, branch: main, secret_env: HOOK_SECRET}
-]], repo, repo), recording_env(dir, {SERVE_SLEEP_B = "3"}))
-      local body = H.push_body("refs/heads/main", c0, c1)
+      local dir, srv, body = two_hooks(1, "coalesce: 60\ndrain: 5", {SERVE_SLEEP_A = "0", SERVE_SLEEP_B = "3"})
       assert.equal(202, (H.github(srv.hook("b"), SECRET, body, "b1")))
       H.wait("b1 to start", function() return calls(dir, "WHERE delivery = 'b1'")[1] end)
       -- while b's deploy holds the only slot, 150 deliveries for a (over real HTTP, at once)
