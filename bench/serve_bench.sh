@@ -113,6 +113,7 @@ YAML
   echo "opsrun   $queued deliveries queued, $rows in the store, $depth not yet processed by the workers"
   # the workers must keep up during the measurement (a backlog would have spared the
   # receiver their transactions): at the end, at most two full groups may be in flight
+  [ -n "$depth" ] || { echo "opsrun: /metrics has no opsrun_queue_depth" >&2; exit 1; }
   [ "$depth" -le 200 ] || { echo "opsrun: the workers fell behind: $depth deliveries not processed at the end" >&2; exit 1; }
   kill -TERM "$opsrun_pid"
   wait "$opsrun_pid" || { echo "opsrun serve did not exit 0 on SIGTERM" >&2; exit 1; }
