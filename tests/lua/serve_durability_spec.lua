@@ -49,6 +49,7 @@ local function send_all(dir, url, ids, on_answer)
 end
 
 describe("opsrun serve durability", function()
+  teardown(H.reap) -- servers a failed test left running
   it("deploys every delivery answered 202 once, across a SIGKILL, and loses none of the unanswered", function()
     local t0 = ops.time.monotonic()
     local dir = h.tmpdir()

@@ -98,6 +98,20 @@ end
 
 -- ---- the server under test ----------------------------------------------------------
 
+local started = {}
+
+--- H.reap() : kills the servers still running (a test that failed before stopping its
+--- own): each spec file that starts servers calls it in its teardown
+function H.reap()
+  for _, srv in ipairs(started) do
+    if h.alive(srv.proc.pid) then
+      srv.proc:kill("SIGKILL")
+      srv.proc:wait()
+    end
+  end
+  started = {}
+end
+
 --- H.server(dir, config_yaml, env) -> srv : starts `opsrun serve --config dir/serve.yaml`
 --- srv.url, srv.lines (its log), srv:stop(signal) -> result, srv.store
 function H.server(dir, cfg_text, env)
@@ -109,6 +123,7 @@ function H.server(dir, cfg_text, env)
   local function keep(line) srv.lines[#srv.lines + 1] = line end
   srv.proc = assert(ops.proc.spawn({h.opsrun, "serve", "--config", cfg, "--listen", "127.0.0.1:0"},
     {cwd = dir, env = child_env, stdout = keep, stderr = keep}))
+  started[#started + 1] = srv
   srv.address = H.wait("the server to listen", function()
     for _, l in ipairs(srv.lines) do
       local a = l:match("listening on (%S+)")

@@ -72,6 +72,7 @@ local function small_repo(dir)
 end
 
 describe("opsrun serve", function()
+  teardown(H.reap) -- servers a failed test left running
   describe("receiving deliveries", function()
     local dir, srv
     setup(function()
@@ -637,6 +638,29 @@ hooks:
       assert.equal("done", H.query(srv.store, "SELECT state FROM ops_queue WHERE key = 'ops:kept'")[1].state)
       -- at debug level, each delivery has its own line
       assert.matches("delivery queued  .*delivery=kept", srv.log())
+      srv.stop()
+      h.rmtree(dir)
+    end)
+    it("leases a group before its deploy runs, and marks a group that moves nothing done without a lease", function()
+      local dir = h.tmpdir()
+      local repo, c0, c1 = small_repo(dir)
+      local srv = H.server(dir, string.format("hooks:\n  ops: {repo: %s, branch: main, secret_env: HOOK_SECRET}\n", repo),
+        recording_env(dir, {SERVE_SLEEP = "1.5"}))
+      local function row(delivery)
+        return H.query(srv.store, "SELECT state, attempts, worker FROM ops_queue WHERE key = ?", "ops:" .. delivery)[1]
+      end
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, H.push_body("refs/heads/main", c0, c1), "moves")))
+      H.wait("the deploy to start", function() return calls(dir, "WHERE delivery = 'moves'")[1] end)
+      local during = row("moves")
+      assert.same({"leased", 1}, {during.state, during.attempts})
+      assert.matches(":ops$", during.worker)
+      assert.equal("succeeded", H.outcome(srv.store, "moves", 30).status)
+      -- pushed again (a replay): before == after on the commit processed, nothing to fetch
+      assert.equal(202, (H.github(srv.hook("ops"), SECRET, H.push_body("refs/heads/main", c1, c1), "still")))
+      assert.equal("nothing", H.outcome(srv.store, "still", 30).status)
+      assert.same({state = "done", attempts = 0, worker = during.worker}, row("still"))
+      assert.same({state = "done", attempts = 1, worker = during.worker}, row("moves"))
+      assert.equal(1, #calls(dir, "WHERE phase = 'start'")) -- one deploy: the first push
       srv.stop()
       h.rmtree(dir)
     end)

@@ -837,6 +837,78 @@ describe("ops.store", function()
       end)
     end)
 
+    it("peek_many reads the items claim_many would lease, without leasing them", function()
+      local late = q:enqueue("k", "late", { delay = 5 })
+      local a, _, b = q:enqueue("k", "a"), q:enqueue("other", "o"), q:enqueue("k", "b")
+      local c = q:enqueue("k", "c")
+      local items = q:peek_many({ "k" }, 2)
+      assert.same({ a, b }, { items[1].id, items[2].id })
+      assert.same({ "k", "a", 0, "ready" }, { items[1].kind, items[1].payload, items[1].attempts, q:get(a).state })
+      assert.same({ ready = 5, leased = 0, done = 0, dead = 0 }, q:stats())
+      assert.same({ a, b }, { q:peek_many({ "k" }, 2)[1].id, q:peek_many({ "k" }, 2)[2].id }) -- still there
+      assert.equal(4, #q:peek_many(nil, 10)) -- every kind; late is not due
+      -- what a claim leases is not peeked again until its lease runs out
+      assert.equal(3, #q:claim_many("w", 10, { "k" }, 10))
+      assert.same({}, q:peek_many({ "k" }, 10))
+      now = now + 11 -- a, b, c's leases ran out; late is due
+      local ids = {}
+      for i, it in ipairs(q:peek_many({ "k" }, 10)) do ids[i] = it.id end
+      assert.same({ late, a, b, c }, ids)
+      -- an item whose last allowed lease ran out is never peeked
+      for _ = 2, 3 do
+        q:claim_many("w", 10, { "k" }, 10)
+        now = now + 11
+      end
+      assert.same({ late }, { q:peek_many({ "k" }, 10)[1].id, q:peek_many({ "k" }, 10)[2] })
+      assert.has_error(function() q:peek_many({ "k" }, 0) end)
+      assert.has_error(function() q:peek_many({}, 1) end)
+    end)
+
+    it("lease_ids leases those of the ids a claim could still take, as claim_many leases", function()
+      local a, b, c = q:enqueue("k", "a"), q:enqueue("k", "b"), q:enqueue("k", "c")
+      assert.equal(3, #q:peek_many(nil, 10))
+      assert.equal(a, q:claim("w2", 10).id) -- another worker took a meanwhile
+      local items = q:lease_ids({ c, a, b }, "w1", 30)
+      assert.same({ b, c }, { items[1].id, items[2].id, items[3] and items[3].id })
+      assert.same({ "b", 1, 1030.0 }, { items[1].payload, items[1].attempts, items[1].lease_until })
+      assert.same({ "w2", "w1", "w1" }, { q:get(a).worker, q:get(b).worker, q:get(c).worker })
+      assert.same({}, q:lease_ids({ b }, "w1", 30)) -- held: not taken twice
+      assert.same({}, q:lease_ids({}, "w1", 30))
+      assert.has_error(function() q:lease_ids({ "1" }, "w1", 30) end)
+      assert.has_error(function() q:lease_ids({ a }, "w1", 0) end)
+    end)
+
+    it("complete_peeked marks done the peeked items no one took meanwhile, once, and runs more with it", function()
+      assert(db:exec("CREATE TABLE outcome (id INTEGER PRIMARY KEY, worker TEXT)"))
+      local a, b, c = q:enqueue("k", "a"), q:enqueue("k", "b"), q:enqueue("k", "c")
+      assert.equal(3, #q:peek_many(nil, 10))
+      assert.equal(a, q:claim("w2", 10).id)
+      local more = { { "INSERT INTO outcome SELECT id, worker FROM ops_queue WHERE state = 'done' AND worker = ?", "w1" } }
+      assert.same({ { b, c }, { a } }, { q:complete_peeked({ a, b, c }, "w1", more) })
+      assert.same({ "leased", "done", "done" }, { q:get(a).state, q:get(b).state, q:get(c).state })
+      assert.same({ "w1", 0 }, { q:get(b).worker, q:get(b).attempts })
+      assert.same({ { id = b, worker = "w1" }, { id = c, worker = "w1" } }, db:query("SELECT * FROM outcome ORDER BY id"))
+      assert.same({ {}, { b } }, { q:complete_peeked({ b }, "w3") }) -- done already
+      -- a statement of more that fails undoes the completion
+      local d = q:enqueue("k", "d")
+      local r, err = q:complete_peeked({ d }, "w1", { { "INSERT INTO outcome VALUES (?, ?)", b, "dup" } })
+      assert.is_nil(r)
+      assert.matches("UNIQUE", err)
+      assert.equal("ready", q:get(d).state)
+      -- an item whose last allowed lease ran out is never peeked, and is dead-lettered when
+      -- the pass is due, as a claim would do
+      local once = assert(db:queue("once", { now = function() return now end, max_attempts = 1 }))
+      local spent, e = once:enqueue("k", "spent"), once:enqueue("k", "e")
+      assert.equal(spent, once:claim("w2", 10).id) -- the pass ran: due again in 10 s
+      now = now + 11
+      local peeked = once:peek_many(nil, 10)
+      assert.same({ e }, { peeked[1].id, peeked[2] and peeked[2].id })
+      assert.same({ { e }, {} }, { once:complete_peeked({ e }, "w1") })
+      assert.same({ "dead", "lease expired after the last attempt" }, { once:get(spent).state, once:get(spent).last_error })
+      assert.has_error(function() q:complete_peeked({ 1.5 }, "w1") end)
+      assert.has_error(function() q:complete_peeked({ d }, nil) end)
+    end)
+
     it("claim_many and complete_many's claim give the items in id order whatever order the UPDATE returns", function()
       -- oldest available first is not id order here: the newest item is due first
       local late = q:enqueue("k", "late", { delay = 5 })

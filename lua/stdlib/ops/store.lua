@@ -478,6 +478,15 @@ local DEAD_LETTER_SQL = "UPDATE ops_queue SET state = 'dead', available_at = NUL
   .. "last_error = 'lease expired after the last attempt' "
   .. "WHERE queue = ? AND state = 'leased' AND available_at <= ? AND attempts >= ?"
 
+-- Appends the dead-lettering pass to statements when it is due (or the clock went back).
+local function dead_letter_statement(statements, q, now)
+  local at = q.dead_letter_at
+  if not at or now >= at or now < at - q.dead_letter_every then
+    q.dead_letter_at = now + q.dead_letter_every
+    statements[#statements + 1] = { DEAD_LETTER_SQL, now, q.name, now, q.max_attempts }
+  end
+end
+
 -- The statements that lease up to limit items due now (oldest available first), appended
 -- to statements: the dead-lettering pass when it is due, then the lease, whose rows are
 -- the items (the last statement's).
@@ -488,11 +497,7 @@ local function lease_statements(statements, q, worker, lease_seconds, filter, ki
     .. " ORDER BY available_at, id LIMIT ?) "
     .. "RETURNING id, kind, payload, attempts, key, available_at AS lease_until"
   local now = q.now()
-  local at = q.dead_letter_at
-  if not at or now >= at or now < at - q.dead_letter_every then -- due, or the clock went back
-    q.dead_letter_at = now + q.dead_letter_every
-    statements[#statements + 1] = { DEAD_LETTER_SQL, now, q.name, now, q.max_attempts }
-  end
+  dead_letter_statement(statements, q, now)
   local claim = { sql, worker, now + lease_seconds, now, q.name, now, q.max_attempts }
   for i = 1, #kind_params do claim[#claim + 1] = kind_params[i] end
   claim[#claim + 1] = limit
@@ -532,6 +537,61 @@ function Queue:claim_many(worker, lease_seconds, kinds, limit)
   return lease(self, worker, lease_seconds, filter, kind_params, limit)
 end
 
+-- The items a claim would take now: due, and ready or leased with a lease run out and
+-- attempts left (as lease_statements chooses them), oldest available first.
+local DUE = "queue = ? AND available_at <= ? AND (state = 'ready' OR attempts < ?)"
+
+-- q:peek_many(kinds, limit) -> { item, ... } | nil, err, code
+-- The items claim_many(worker, lease, kinds, limit) would lease now, read without leasing
+-- them: a read, which runs at once, even while batches are being written. Nothing stops
+-- another worker from taking them meanwhile: before lasting work, lease them with
+-- lease_ids; a group settled at once is marked done with complete_peeked. In id order;
+-- kinds may be nil (every kind).
+function Queue:peek_many(kinds, limit)
+  local filter, kind_params = claim_args("peek_many", "", 1, kinds)
+  if math.type(limit) ~= "integer" or limit <= 0 then
+    error("ops.store: peek_many: limit must be a positive integer", 2)
+  end
+  local params = { self.name, self.now(), self.max_attempts }
+  for i = 1, #kind_params do params[#params + 1] = kind_params[i] end
+  params[#params + 1] = limit
+  local items, err, code = self.db:query("SELECT id, kind, payload, attempts, key FROM ops_queue WHERE "
+    .. DUE .. filter .. " ORDER BY available_at, id LIMIT ?", table.unpack(params, 1, #params))
+  if not items then return nil, err, code end
+  table.sort(items, by_id)
+  return items
+end
+
+local function id_list(where, ids)
+  if type(ids) ~= "table" then error("ops.store: " .. where .. ": ids must be an array of integers", 3) end
+  for i = 1, #ids do
+    if math.type(ids[i]) ~= "integer" then error("ops.store: " .. where .. ": ids must be an array of integers", 3) end
+  end
+  return "[" .. table.concat(ids, ",") .. "]" -- one JSON array, read by json_each
+end
+
+-- q:lease_ids(ids, worker, lease_seconds) -> { item, ... } | nil, err, code
+-- Leases, in one statement, those of ids that a claim could still take (peek_many's
+-- items, unless another worker took them meanwhile), as claim_many leases: the items
+-- leased, with attempts and lease_until, in id order.
+function Queue:lease_ids(ids, worker, lease_seconds)
+  local list = id_list("lease_ids", ids)
+  claim_args("lease_ids", worker, lease_seconds, nil)
+  if #ids == 0 then return {} end
+  local now = self.now()
+  local statements = {}
+  dead_letter_statement(statements, self, now)
+  statements[#statements + 1] = { "UPDATE ops_queue SET state = 'leased', worker = ?, available_at = ?, "
+    .. "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND " .. DUE
+    .. " RETURNING id, kind, payload, attempts, key, available_at AS lease_until",
+    worker, now + lease_seconds, now, list, self.name, now, self.max_attempts }
+  local results, err, code = self.db:batch(statements)
+  if not results then return nil, err, code end
+  local items = results[#statements]
+  table.sort(items, by_id)
+  return items
+end
+
 -- q:complete(id, worker) -> true | false, "lease lost" | nil, err, code
 function Queue:complete(id, worker)
   local changes, err, code = self.db:exec(
@@ -543,44 +603,40 @@ function Queue:complete(id, worker)
   return true
 end
 
--- q:complete_many(ids, worker [, more [, claim]]) -> done, lost, claimed | nil, err, code
--- Marks done, in one statement, every item of ids that worker still holds. done: the ids
--- completed, lost: those whose lease was lost (each id is in one of them), both in the
--- order of ids. more: statements (as db:batch takes them) run after it in the same
--- transaction (one db:batch: off the loop from a task), e.g. the outcomes of the
--- items done; an item this call completed is then state 'done' with worker = worker.
--- claim = {lease =, kinds =, limit =}: then, in the same transaction, leases the worker's
--- next items as claim_many(worker, lease, kinds, limit) would: claimed.
-function Queue:complete_many(ids, worker, more, claim)
-  if type(ids) ~= "table" then error("ops.store: complete_many: ids must be an array of integers", 2) end
-  if type(worker) ~= "string" then error("ops.store: complete_many: worker must be a string", 2) end
-  if more ~= nil and type(more) ~= "table" then error("ops.store: complete_many: more must be an array of statements", 2) end
-  for i = 1, #ids do
-    if math.type(ids[i]) ~= "integer" then
-      error("ops.store: complete_many: ids must be an array of integers", 2)
-    end
-  end
+-- Marks ids done in one db:batch: those worker holds (held), or those a claim could take
+-- (peeked: then the dead-lettering pass runs too, when due, as a claim would run it);
+-- then more, then the claim. -> done, lost, claimed
+local function complete(q, where, ids, worker, more, claim, peeked)
+  local list = id_list(where, ids)
+  if type(worker) ~= "string" then error("ops.store: " .. where .. ": worker must be a string", 3) end
+  if more ~= nil and type(more) ~= "table" then error("ops.store: " .. where .. ": more must be an array of statements", 3) end
   local filter, kind_params
   if claim ~= nil then
-    if type(claim) ~= "table" then error("ops.store: complete_many: claim must be a table {lease =, kinds =, limit =}", 2) end
+    if type(claim) ~= "table" then error("ops.store: complete_many: claim must be a table {lease =, kinds =, limit =}", 3) end
     filter, kind_params = claim_args("complete_many", worker, claim.lease, claim.kinds)
     if math.type(claim.limit) ~= "integer" or claim.limit <= 0 then
-      error("ops.store: complete_many: claim.limit must be a positive integer", 2)
+      error("ops.store: complete_many: claim.limit must be a positive integer", 3)
     end
   end
   if #ids == 0 and not claim then return {}, {} end
-  -- the ids go in as one JSON array of integers (checked above), read by json_each
-  local statements = { {
-    "UPDATE ops_queue SET state = 'done', available_at = NULL, updated_at = ? "
+  local now = q.now()
+  local statements = {}
+  if peeked then
+    dead_letter_statement(statements, q, now)
+    statements[#statements + 1] = { "UPDATE ops_queue SET state = 'done', worker = ?, available_at = NULL, "
+      .. "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND " .. DUE .. " RETURNING id",
+      worker, now, list, q.name, now, q.max_attempts }
+  else
+    statements[1] = { "UPDATE ops_queue SET state = 'done', available_at = NULL, updated_at = ? "
       .. "WHERE id IN (SELECT value FROM json_each(?)) AND queue = ? AND state = 'leased' AND worker = ? "
-      .. "RETURNING id",
-    self.now(), "[" .. table.concat(ids, ",") .. "]", self.name, worker,
-  } }
-  for i = 1, more and #more or 0 do statements[i + 1] = more[i] end
-  if claim then lease_statements(statements, self, worker, claim.lease, filter, kind_params, claim.limit) end
-  local results, err, code = self.db:batch(statements)
+      .. "RETURNING id", now, list, q.name, worker }
+  end
+  local first = #statements
+  for i = 1, more and #more or 0 do statements[#statements + 1] = more[i] end
+  if claim then lease_statements(statements, q, worker, claim.lease, filter, kind_params, claim.limit) end
+  local results, err, code = q.db:batch(statements)
   if not results then return nil, err, code end
-  local rows = results[1]
+  local rows = results[first]
   local got = {}
   for i = 1, #rows do got[rows[i].id] = true end
   local done, lost = {}, {}
@@ -591,6 +647,26 @@ function Queue:complete_many(ids, worker, more, claim)
   local claimed = claim and results[#statements] or nil
   if claimed then table.sort(claimed, by_id) end
   return done, lost, claimed
+end
+
+-- q:complete_many(ids, worker [, more [, claim]]) -> done, lost, claimed | nil, err, code
+-- Marks done, in one statement, every item of ids that worker still holds. done: the ids
+-- completed, lost: those whose lease was lost (each id is in one of them), both in the
+-- order of ids. more: statements (as db:batch takes them) run after it in the same
+-- transaction (one db:batch: off the loop from a task), e.g. the outcomes of the
+-- items done; an item this call completed is then state 'done' with worker = worker.
+-- claim = {lease =, kinds =, limit =}: then, in the same transaction, leases the worker's
+-- next items as claim_many(worker, lease, kinds, limit) would: claimed.
+function Queue:complete_many(ids, worker, more, claim)
+  return complete(self, "complete_many", ids, worker, more, claim, false)
+end
+
+-- q:complete_peeked(ids, worker [, more]) -> done, lost | nil, err, code
+-- complete_many for items read with peek_many and not leased: marks done those of ids a
+-- claim could still take (none is done twice: an item another worker leased meanwhile, or
+-- already done, is lost), with worker = worker; more as complete_many's.
+function Queue:complete_peeked(ids, worker, more)
+  return complete(self, "complete_peeked", ids, worker, more, nil, true)
 end
 
 -- q:extend(id, worker, lease_seconds) -> lease_until | false, "lease lost" | nil, err, code

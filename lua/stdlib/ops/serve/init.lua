@@ -519,7 +519,9 @@ function serve.start(settings)
   --- the loop) of the UPDATE for the group, an INSERT ... SELECT of the outcomes of those it
   --- still held (done by this worker), and the hook's last commit; with claim (as
   --- q:complete_many takes it), claims the worker's next group in it too, and returns it
-  function ctx.finish(hook, me, items, status, run_id, target, claim)
+  --- ctx.finish(hook, me, items, status, run_id, target, claim, peeked) -> claimed
+  --- marks items done (leased by me, or peeked: read and never leased) with their outcome
+  function ctx.finish(hook, me, items, status, run_id, target, claim, peeked)
     local now = time.now()
     local ids = {}
     for i, it in ipairs(items) do ids[i] = it.id end
@@ -533,10 +535,16 @@ function serve.start(settings)
       more[2] = {"INSERT INTO serve_targets (hook, commit_id, at) VALUES (?, ?, ?) "
         .. "ON CONFLICT (hook) DO UPDATE SET commit_id = excluded.commit_id, at = excluded.at", hook.name, target, now}
     end
-    local done, lost, claimed = ctx.queue:complete_many(ids, me, more, claim)
+    local done, lost, claimed
+    if peeked then
+      done, lost = ctx.queue:complete_peeked(ids, me, more)
+    else
+      done, lost, claimed = ctx.queue:complete_many(ids, me, more, claim)
+    end
     if not done then error(lost, 0) end
     for _, id in ipairs(lost) do
-      log.warn("a delivery's lease was lost before it was marked done", {hook = hook.name, id = id})
+      log.warn(peeked and "a delivery was taken by another worker before it was marked done"
+        or "a delivery's lease was lost before it was marked done", {hook = hook.name, id = id})
     end
     ctx.metrics.push(status, #items)
     return claimed

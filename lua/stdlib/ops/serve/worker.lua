@@ -108,34 +108,47 @@ function worker.plan(mirror, pushes, last)
     before = (not everything and #live == 1) and live[1].before or nil}
 end
 
---- worker.process(ctx, hook, items) -> status, run id, target commit
---- status: succeeded | failed | interrupted (a run happened) or nothing | deleted | stale
-function worker.process(ctx, hook, items)
+local function decode(items)
   local pushes, deliveries = {}, {}
   for _, it in ipairs(items) do
     local p = verify.decode_json(it.payload) -- stored by the receiver: JSON of strings and booleans
     pushes[#pushes + 1] = p
     deliveries[#deliveries + 1] = p.delivery
   end
+  return pushes, deliveries
+end
+
+--- worker.no_work(ctx, hook, items) -> status, target commit | nil
+--- A group that needs no git and no deploy, settled from the payloads alone: it ends with
+--- a deleted ref (deleted), or its pushes move nothing (before == after) onto the commit
+--- already processed (nothing: a redelivered or replayed push costs a store read, not a
+--- git run). nil: the group needs worker.process.
+function worker.no_work(ctx, hook, items)
+  local pushes = decode(items)
   local newest = pushes[#pushes]
   local lg = log.with({hook = hook.name, commit = newest.after:sub(1, 12)})
   if newest.deleted then
     lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
-    return "deleted", nil, nil
+    return "deleted", nil
   end
-  -- pushes that move nothing (before == after) onto the commit already processed: no
-  -- fetch, no diff (a redelivered or replayed push costs a store read, not a git run)
   local last = ctx.last_commit(hook.name)
-  local moves = false
   for _, p in ipairs(pushes) do
-    if p.before ~= p.after or p.after ~= last then moves = true end
+    if p.before ~= p.after or p.after ~= last then return nil end
   end
-  if not moves then
-    lg.info("nothing to deploy: the pushes move nothing past " .. last:sub(1, 12))
-    return "nothing", nil, last
-  end
+  lg.info("nothing to deploy: the pushes move nothing past " .. last:sub(1, 12))
+  return "nothing", last
+end
+
+--- worker.process(ctx, hook, items) -> status, run id, target commit
+--- status: succeeded | failed | interrupted (a run happened) or nothing | deleted | stale
+function worker.process(ctx, hook, items)
+  local settled, at = worker.no_work(ctx, hook, items)
+  if settled then return settled, nil, at end
+  local pushes, deliveries = decode(items)
+  local last = ctx.last_commit(hook.name)
   local mirror = git.mirror(fs.join(ctx.settings.mirrors, hook.name .. ".git"), hook.repo)
   local plan = worker.plan(mirror, pushes, last)
+  local lg = log.with({hook = hook.name, commit = pushes[#pushes].after:sub(1, 12)})
   if plan.status == "deleted" then
     lg.info("branch deleted: nothing to deploy (deleting a branch never removes anything)")
     return "deleted", nil, nil
@@ -212,21 +225,41 @@ function worker.loop(ctx, name)
       if not released then released = true; ctx.slots:release() end
     end
     local slot <close> = setmetatable({}, {__close = release})
-    -- the whole group in one statement (one transaction), in id order
+    -- the group: read, not leased (peeked); a group that worker.no_work settles from its
+    -- payloads alone is marked done without a lease, the others are leased before any
+    -- git or deploy runs. (The group claimed with the last completion comes leased.)
+    local peeked = false
     if not items then
       items = {}
       if not ctx.stopping then
-        items, claim_err = ctx.queue:claim_many(me, ctx.settings.lease, {kind}, worker.MAX_GROUP)
+        items, claim_err = ctx.queue:peek_many({kind}, worker.MAX_GROUP)
+        peeked = true
       end
     end
     if not items then
       items = {}
-      log.error("cannot claim deliveries: " .. tostring(claim_err), {hook = name})
+      log.error("cannot read the deliveries waiting: " .. tostring(claim_err), {hook = name})
     end
     busy = #items > 0 and #items < worker.MAX_GROUP
+    local settled, at
+    if peeked and #items > 0 then
+      local ok, st, tg = pcall(worker.no_work, ctx, hook, items)
+      if ok then settled, at = st, tg end -- an error: leased below, and process meets it again
+      if not settled then
+        local ids = {}
+        for i, it in ipairs(items) do ids[i] = it.id end
+        items, claim_err = ctx.queue:lease_ids(ids, me, ctx.settings.lease)
+        if not items then
+          items = {}
+          log.error("cannot lease deliveries: " .. tostring(claim_err), {hook = name})
+        end
+      end
+    end
     if #items == 0 then
       release()
       if not ctx.stopping then ctx.wait_for_work(name) end
+    elseif settled then
+      ctx.finish(hook, me, items, settled, nil, at, nil, true)
     else
       ctx.busy[name] = true
       local ok, status, run_id, target = pcall(function()
