@@ -7,6 +7,10 @@
 -- dead_letter_every = 0 (the pass at every claim, as ops.store did before 2026-11-24: it
 -- reads every item due, ready ones included). The ratio is the second over the first.
 --
+-- A second table: a whole group's cycle, read and marked done, leased (claim_many then
+-- complete_many, the baseline) against peeked (peek_many then complete_peeked: how a serve
+-- worker settles a group that needs no deploy, without a lease).
+--
 -- Run:
 --   build/opsrun bench/queue_backlog.lua [backlogs=0,10000,50000] [rounds=20] [parent dir]
 local store = require("ops.store")
@@ -27,11 +31,7 @@ assert(fs.mkdir(dir, {parents = true}))
 
 local payload = string.rep("x", 300) -- about a stored push
 
-local function run(backlog, every)
-  local path = dir .. "/backlog.db"
-  for _, suffix in ipairs({"", "-wal", "-shm"}) do os.remove(path .. suffix) end
-  local db = assert(store.open(path, {synchronous = "normal"}))
-  local q = assert(db:queue("bench", {dead_letter_every = every}))
+local function fill(q, backlog)
   local batch = {}
   for i = 1, backlog do
     batch[#batch + 1] = {kind = "push", payload = payload, key = "old-" .. i}
@@ -40,6 +40,20 @@ local function run(backlog, every)
       batch = {}
     end
   end
+end
+
+local function ids_of(items)
+  local ids = {}
+  for i, it in ipairs(items) do ids[i] = it.id end
+  return ids
+end
+
+local function run(backlog, every)
+  local path = dir .. "/backlog.db"
+  for _, suffix in ipairs({"", "-wal", "-shm"}) do os.remove(path .. suffix) end
+  local db = assert(store.open(path, {synchronous = "normal"}))
+  local q = assert(db:queue("bench", {dead_letter_every = every}))
+  fill(q, backlog)
   local spent = 0
   for r = 1, rounds do
     local fresh = {}
@@ -48,12 +62,32 @@ local function run(backlog, every)
     local t0 = time.monotonic()
     local items = assert(q:claim_many("bench-worker", 600, {"push"}, 100))
     spent = spent + (time.monotonic() - t0)
-    local ids = {}
-    for i, it in ipairs(items) do ids[i] = it.id end
-    assert(q:complete_many(ids, "bench-worker"))
+    assert(q:complete_many(ids_of(items), "bench-worker"))
   end
   db:close()
   return spent / rounds
+end
+
+-- a group of 100 read and marked done, ROUNDS times: leased or peeked
+local function cycle(backlog, peeked)
+  local path = dir .. "/cycle.db"
+  for _, suffix in ipairs({"", "-wal", "-shm"}) do os.remove(path .. suffix) end
+  local db = assert(store.open(path, {synchronous = "normal"}))
+  local q = assert(db:queue("bench"))
+  fill(q, backlog)
+  local t0 = time.monotonic()
+  for _ = 1, rounds do
+    if peeked then
+      local items = assert(q:peek_many({"push"}, 100))
+      assert(#assert(q:complete_peeked(ids_of(items), "bench-worker")) == #items)
+    else
+      local items = assert(q:claim_many("bench-worker", 600, {"push"}, 100))
+      assert(#assert(q:complete_many(ids_of(items), "bench-worker")) == #items)
+    end
+  end
+  local spent = (time.monotonic() - t0) / rounds
+  db:close()
+  return spent
 end
 
 print(string.format("claim_many(100), mean of %d rounds, in %s", rounds, dir))
@@ -62,5 +96,12 @@ for _, n in ipairs(backlogs) do
   local lazy = run(n, nil)
   local every = run(n, 0)
   print(string.format("%10d %14.2f %22.2f %6.1fx", n, lazy * 1000, every * 1000, every / lazy))
+end
+print(string.format("\na group of 100 read and marked done, mean of %d rounds (oldest first)", rounds))
+print(string.format("%10s %26s %26s %7s", "waiting", "leased: claim+complete (ms)", "peeked: peek+complete (ms)", "ratio"))
+for _, n in ipairs(backlogs) do
+  n = math.max(n, 100 * rounds) -- enough for every round
+  local leased, peeked = cycle(n, false), cycle(n, true)
+  print(string.format("%10d %26.2f %26.2f %6.2fx", n, leased * 1000, peeked * 1000, peeked / leased))
 end
 assert(fs.remove(dir, {recursive = true}))
