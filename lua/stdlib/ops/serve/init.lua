@@ -515,12 +515,13 @@ function serve.start(settings)
     local row = ctx.db:query("SELECT commit_id FROM serve_targets WHERE hook = ?", name)[1]
     return row and row.commit_id
   end
-  --- marks the items done and records their outcome, in one transaction (a db:batch, off
-  --- the loop) of the UPDATE for the group, an INSERT ... SELECT of the outcomes of those it
-  --- still held (done by this worker), and the hook's last commit; with claim (as
-  --- q:complete_many takes it), claims the worker's next group in it too, and returns it
   --- ctx.finish(hook, me, items, status, run_id, target, claim, peeked) -> claimed
-  --- marks items done (leased by me, or peeked: read and never leased) with their outcome
+  --- marks the items done and records their outcome, in one transaction (a db:batch, off
+  --- the loop) of the UPDATE for the group (items leased by me, or with peeked, read and
+  --- never leased: q:complete_peeked), an INSERT ... SELECT of the outcomes of those it
+  --- marked done (done by this worker), and the hook's last commit; with claim (as
+  --- q:complete_many takes it; not with peeked), claims the worker's next group in it too,
+  --- and returns it
   function ctx.finish(hook, me, items, status, run_id, target, claim, peeked)
     local now = time.now()
     local ids = {}
