@@ -2,6 +2,8 @@
 #ifndef OPSRUN_H
 #define OPSRUN_H
 
+#include <stdint.h>
+
 #include <lua.h>
 #include <lauxlib.h>
 #include <uv.h>
@@ -66,6 +68,9 @@ void ops_signals_install(lua_State *L);
 /* ---- processes (proc.c): signals forwarded to every child group ---- */
 int ops_proc_signal_all(int signum);
 int ops_proc_count(void);
+/* The signals a child started by ops.proc resets to their default before it execs: bit
+ * n-1 for signal n (every signal whose disposition this process may have changed). */
+uint64_t ops_proc_signals_to_reset(void);
 
 /* ---- embedded Lua (modules.c) ---- */
 typedef struct {

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -348,23 +349,85 @@ static int watch_children(void) {
   return 0;
 }
 
+/* ---- the signals a child resets ----
+ * A child must not start with a disposition of ours: an ignored signal stays ignored
+ * through execve, and a handler left in place would run in our memory if its signal came
+ * in between the child's unblocking and its execve. Asking the kernel for all 64 in each
+ * child cost ~17 us per child (bench/README.md, "Deploy"). Instead every disposition set in
+ * this process is noted here: sigaction and signal are defined below, forwarding to glibc,
+ * and the libraries opsrun loads (libuv, libh2o, libcurl, libcrypto) call these (the
+ * executable exports them, and comes first in the lookup); what was set before, by glibc
+ * (its internal signals) or by whoever started us (an ignored SIGINT in a shell's
+ * background job, nohup's SIGHUP), is read from the kernel once, at the first child. A
+ * noted signal stays noted: a child resets it, whatever it is now. AddressSanitizer
+ * defines sigaction itself: its builds reset every signal. */
+#if defined(__SANITIZE_ADDRESS__)
+#define TRACK_DISPOSITIONS 0
+#else
+#define TRACK_DISPOSITIONS 1
+#endif
+
+#if TRACK_DISPOSITIONS
+static _Atomic(uint64_t) touched_signals; /* bit n-1: signal n's disposition was set */
+
+extern int __sigaction(int sig, const struct sigaction *act, struct sigaction *old);
+
+static void touch(int sig) {
+  if (sig >= 1 && sig <= 64) atomic_fetch_or(&touched_signals, (uint64_t)1 << (sig - 1));
+}
+
+int sigaction(int sig, const struct sigaction *restrict act, struct sigaction *restrict old) {
+  if (act) touch(sig);
+  return __sigaction(sig, act, old);
+}
+
+/* glibc's signal(): BSD semantics (the signal blocked in its handler, calls restarted) */
+__sighandler_t signal(int sig, __sighandler_t handler) {
+  struct sigaction act, old;
+  memset(&act, 0, sizeof act);
+  act.sa_handler = handler;
+  sigemptyset(&act.sa_mask);
+  if (sig >= 1 && sig < _NSIG) sigaddset(&act.sa_mask, sig);
+  act.sa_flags = SA_RESTART;
+  if (sigaction(sig, &act, &old) < 0) return SIG_ERR;
+  return old.sa_handler;
+}
+#endif
+
+/* The signals a child resets: bit n-1 for signal n. */
+uint64_t ops_proc_signals_to_reset(void) {
+#if TRACK_DISPOSITIONS
+  static int read_once;
+  if (!read_once) {
+    for (int sig = 1; sig < _NSIG && sig <= 64; sig++) {
+      struct sigaction sa;
+      if (__sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL) touch(sig);
+    }
+    read_once = 1;
+  }
+  return atomic_load(&touched_signals);
+#else
+  return ~(uint64_t)0;
+#endif
+}
+
 /* The child's side of start_child, on the parent's stack while the parent waits (vfork):
  * only system calls, nothing that allocates, locks or returns. Every signal is blocked
  * (the parent blocked them before vfork), so no handler of ours runs here; each signal's
- * disposition goes back to the default (a handler would run in the parent's memory, an
- * ignored SIGPIPE would be inherited by the program), then the mask is emptied and the
- * program replaces us. Raw system calls: glibc's wrappers refuse its internal signals and
+ * disposition that may not be the default (reset: ops_proc_signals_to_reset) goes back to
+ * it, then the mask is emptied and the program replaces us. Raw system calls: glibc's wrappers refuse its internal signals and
  * a sanitizer's interceptors keep state in the memory we share. */
 __attribute__((noreturn, no_sanitize_address, no_sanitize_undefined))
 static void child_exec(const char *program, char *const args[], char *const envp[], const int from[3],
-                       const char *cwd, volatile int *err) {
+                       const char *cwd, uint64_t reset, volatile int *err) {
   /* the kernel's struct sigaction, all zero: SIG_DFL, no flags, no mask (a buffer larger than
    * it on every architecture); the kernel's sigset is (_NSIG - 1) / 8 bytes (glibc's _NSIG
    * counts one more) */
   const unsigned long zeros[8] = {0};
   const long setsize = (_NSIG - 1) / 8;
-  for (long sig = 1; sig < _NSIG; sig++)
-    if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, zeros, NULL, setsize);
+  for (long sig = 1; sig < _NSIG && sig <= 64; sig++)
+    if ((reset >> (sig - 1) & 1) && sig != SIGKILL && sig != SIGSTOP)
+      syscall(SYS_rt_sigaction, sig, zeros, NULL, setsize);
   if (syscall(SYS_setsid) < 0) goto fail;
   for (int i = 0; i < 3; i++) {
     /* dup2 onto itself would keep close-on-exec: clear it instead (dup3: arm64 has no dup2) */
@@ -388,12 +451,13 @@ fail:
  * reset), measured 40 - 60 us slower per child (bench/README.md, "Deploy"). */
 static int start_child(const char *program, char *const args[], char *const envp[], const int from[3],
                        const char *cwd, pid_t *pid_out) {
+  uint64_t reset = ops_proc_signals_to_reset();
   sigset_t all, old;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
   volatile int child_err = 0;
   pid_t pid = vfork();
-  if (pid == 0) child_exec(program, args, envp, from, cwd, &child_err);
+  if (pid == 0) child_exec(program, args, envp, from, cwd, reset, &child_err);
   int e = pid < 0 ? errno : child_err;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (pid > 0 && e != 0) {

@@ -83,6 +83,23 @@ describe("ops.proc.run", function()
     assert.are.equal(pid, session)
   end)
 
+  it("does not pass on a signal ignored by whoever started opsrun (nohup, a shell's background job)", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/s.lua", [[
+      local mine = io.open("/proc/self/status"):read("a")
+      local r = assert(ops.proc.run({"cat", "/proc/self/status"}))
+      io.write(mine:match("SigIgn:%s*(%x+)"), " ", r.stdout:match("SigIgn:%s*(%x+)"), "\n")
+    ]])
+    -- sh ignores SIGHUP, SIGQUIT and SIGUSR2 (signals 1, 3 and 12), and opsrun inherits that
+    local r = assert(ops.proc.run({"sh", "-c", 'trap "" HUP QUIT USR2; exec "$0" "$1"', h.opsrun, dir .. "/s.lua"}))
+    assert.are.equal(0, r.code, r.stderr)
+    local mine, child = r.stdout:match("^(%x+) (%x+)\n$")
+    local these = 1 << 0 | 1 << 2 | 1 << 11
+    assert.are.equal(these, tonumber(mine, 16) & these)
+    assert.are.equal("0000000000000000", child)
+    h.rmtree(dir)
+  end)
+
   it("refuses a working directory that does not exist", function()
     local r, err, code = ops.proc.run({"true"}, {cwd = "/no/such/dir"})
     assert.is_nil(r)
