@@ -361,9 +361,15 @@ static int watch_children(void) {
  * background job, nohup's SIGHUP), is read from the kernel once, at the first child. A
  * noted signal stays noted: a child resets it, whatever it is now. AddressSanitizer
  * defines sigaction itself: its builds reset every signal. */
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TRACK_DISPOSITIONS 0 /* clang */
+#endif
+#endif
+#if !defined(TRACK_DISPOSITIONS) && defined(__SANITIZE_ADDRESS__)
 #define TRACK_DISPOSITIONS 0
-#else
+#endif
+#ifndef TRACK_DISPOSITIONS
 #define TRACK_DISPOSITIONS 1
 #endif
 
@@ -413,10 +419,11 @@ uint64_t ops_proc_signals_to_reset(void) {
 
 /* The child's side of start_child, on the parent's stack while the parent waits (vfork):
  * only system calls, nothing that allocates, locks or returns. Every signal is blocked
- * (the parent blocked them before vfork), so no handler of ours runs here; each signal's
- * disposition that may not be the default (reset: ops_proc_signals_to_reset) goes back to
- * it, then the mask is emptied and the program replaces us. Raw system calls: glibc's wrappers refuse its internal signals and
- * a sanitizer's interceptors keep state in the memory we share. */
+ * (the parent blocked them before vfork), so no handler of ours runs here; each signal
+ * whose disposition may not be the default (reset: ops_proc_signals_to_reset) goes back
+ * to it, then the mask is emptied and the program replaces us. Raw system calls: glibc's
+ * wrappers refuse its internal signals and a sanitizer's interceptors keep state in the
+ * memory we share. */
 __attribute__((noreturn, no_sanitize_address, no_sanitize_undefined))
 static void child_exec(const char *program, char *const args[], char *const envp[], const int from[3],
                        const char *cwd, uint64_t reset, volatile int *err) {

@@ -11,6 +11,12 @@
 
 #include "opsrun.h"
 
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) && !defined(__SANITIZE_ADDRESS__)
+#define __SANITIZE_ADDRESS__ 1
+#endif
+#endif
+
 static uint64_t bit(int sig) { return (uint64_t)1 << (sig - 1); }
 
 static void on_signal(int sig) { (void)sig; }
