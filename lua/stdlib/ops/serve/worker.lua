@@ -108,10 +108,13 @@ function worker.plan(mirror, pushes, last)
     before = (not everything and #live == 1) and live[1].before or nil}
 end
 
+-- The pushes of a group's items, and their delivery ids; each payload is decoded once
+-- (kept in the item: worker.process asks worker.no_work first, then decodes them too).
 local function decode(items)
   local pushes, deliveries = {}, {}
   for _, it in ipairs(items) do
-    local p = verify.decode_json(it.payload) -- stored by the receiver: JSON of strings and booleans
+    local p = it.push or verify.decode_json(it.payload) -- stored by the receiver: JSON of strings and booleans
+    it.push = p
     pushes[#pushes + 1] = p
     deliveries[#deliveries + 1] = p.delivery
   end
