@@ -909,6 +909,22 @@ describe("ops.store", function()
       assert.has_error(function() q:complete_peeked({ d }, nil) end)
     end)
 
+    it("names the caller's line when a queue method is misused", function()
+      local function where(f)
+        local ok, err = pcall(f)
+        assert.is_false(ok)
+        return tostring(err):match("^[^:]*store_spec%.lua:%d+: ops%.store: ([%w_]+):")
+      end
+      assert.equal("peek_many", where(function() q:peek_many({}, 1) end))
+      assert.equal("lease_ids", where(function() q:lease_ids({ "1" }, "w", 1) end))
+      assert.equal("lease_ids", where(function() q:lease_ids({ 1 }, "w", 0) end))
+      assert.equal("complete_peeked", where(function() q:complete_peeked({ 1.5 }, "w") end))
+      assert.equal("complete_many", where(function() q:complete_many({ 1 }, "w", nil, { lease = 0, limit = 1 }) end))
+      assert.equal("complete_many", where(function() q:complete_many({ 1 }, "w", nil, { lease = 1, kinds = {}, limit = 1 }) end))
+      assert.equal("claim_many", where(function() q:claim_many("w", 1, {}, 1) end))
+      assert.equal("claim", where(function() q:claim(nil, 1) end))
+    end)
+
     it("claim_many and complete_many's claim give the items in id order whatever order the UPDATE returns", function()
       -- oldest available first is not id order here: the newest item is due first
       local late = q:enqueue("k", "late", { delay = 5 })

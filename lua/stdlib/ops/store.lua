@@ -454,17 +454,31 @@ function Queue:enqueue_many(entries, opts)
   return n
 end
 
-local function claim_args(where, worker, lease_seconds, kinds)
-  if type(worker) ~= "string" then error("ops.store: " .. where .. ": worker must be a string", 3) end
+-- The argument checks below raise at `level` as their caller sees it (default 2: the
+-- caller of the method that called them).
+local function check_lease(where, worker, lease_seconds, level)
+  level = (level or 2) + 1
+  if type(worker) ~= "string" then error("ops.store: " .. where .. ": worker must be a string", level) end
   if type(lease_seconds) ~= "number" or lease_seconds <= 0 then
-    error("ops.store: " .. where .. ": lease_seconds must be a positive number", 3)
+    error("ops.store: " .. where .. ": lease_seconds must be a positive number", level)
   end
+end
+
+-- The SQL filter on kinds ("" for every kind) and its parameters.
+local function kinds_filter(where, kinds, level)
   if kinds == nil then return "", {} end
   if type(kinds) ~= "table" or #kinds == 0 then
-    error("ops.store: " .. where .. ": kinds must be a non-empty array of strings", 3)
+    error("ops.store: " .. where .. ": kinds must be a non-empty array of strings", (level or 2) + 1)
   end
   -- Only placeholders are generated; the kinds themselves are bound.
   return " AND kind IN (" .. string.rep("?", #kinds, ", ") .. ")", kinds
+end
+
+local function claim_args(where, worker, lease_seconds, kinds, level)
+  level = (level or 2) + 1
+  check_lease(where, worker, lease_seconds, level)
+  local filter, params = kinds_filter(where, kinds, level) -- not a tail call: the levels count this frame
+  return filter, params
 end
 
 -- A lease that expired after the last allowed attempt dead-letters the item instead of
@@ -557,7 +571,7 @@ end
 -- lease_ids; a group settled at once is marked done with complete_peeked. In id order;
 -- kinds may be nil (every kind).
 function Queue:peek_many(kinds, limit)
-  local filter, kind_params = claim_args("peek_many", "", 1, kinds)
+  local filter, kind_params = kinds_filter("peek_many", kinds)
   if math.type(limit) ~= "integer" or limit <= 0 then
     error("ops.store: peek_many: limit must be a positive integer", 2)
   end
@@ -571,10 +585,11 @@ function Queue:peek_many(kinds, limit)
   return items
 end
 
-local function id_list(where, ids)
-  if type(ids) ~= "table" then error("ops.store: " .. where .. ": ids must be an array of integers", 3) end
+local function id_list(where, ids, level)
+  level = (level or 2) + 1
+  if type(ids) ~= "table" then error("ops.store: " .. where .. ": ids must be an array of integers", level) end
   for i = 1, #ids do
-    if math.type(ids[i]) ~= "integer" then error("ops.store: " .. where .. ": ids must be an array of integers", 3) end
+    if math.type(ids[i]) ~= "integer" then error("ops.store: " .. where .. ": ids must be an array of integers", level) end
   end
   return "[" .. table.concat(ids, ",") .. "]" -- one JSON array, read by json_each
 end
@@ -585,7 +600,7 @@ end
 -- leased, with attempts and lease_until, in id order.
 function Queue:lease_ids(ids, worker, lease_seconds)
   local list = id_list("lease_ids", ids)
-  claim_args("lease_ids", worker, lease_seconds, nil)
+  check_lease("lease_ids", worker, lease_seconds)
   if #ids == 0 then return {} end
   local now = self.now()
   local statements = {}
@@ -610,13 +625,14 @@ end
 -- (peeked: then the dead-lettering pass runs too, when due, as a claim would run it);
 -- then more, then the claim. -> done, lost, claimed
 local function complete(q, where, ids, worker, more, claim, peeked)
-  local list = id_list(where, ids)
+  -- (called by the methods: their caller is 3 levels up)
+  local list = id_list(where, ids, 3)
   if type(worker) ~= "string" then error("ops.store: " .. where .. ": worker must be a string", 3) end
   if more ~= nil and type(more) ~= "table" then error("ops.store: " .. where .. ": more must be an array of statements", 3) end
   local filter, kind_params
   if claim ~= nil then
     if type(claim) ~= "table" then error("ops.store: complete_many: claim must be a table {lease =, kinds =, limit =}", 3) end
-    filter, kind_params = claim_args("complete_many", worker, claim.lease, claim.kinds)
+    filter, kind_params = claim_args("complete_many", worker, claim.lease, claim.kinds, 3)
     if math.type(claim.limit) ~= "integer" or claim.limit <= 0 then
       error("ops.store: complete_many: claim.limit must be a positive integer", 3)
     end
@@ -661,7 +677,8 @@ end
 -- claim = {lease =, kinds =, limit =}: then, in the same transaction, leases the worker's
 -- next items as claim_many(worker, lease, kinds, limit) would: claimed.
 function Queue:complete_many(ids, worker, more, claim)
-  return complete(self, "complete_many", ids, worker, more, claim, false)
+  local done, lost, claimed = complete(self, "complete_many", ids, worker, more, claim, false)
+  return done, lost, claimed -- not a tail call: complete's errors count this frame
 end
 
 -- q:complete_peeked(ids, worker [, more]) -> done, lost | nil, err, code
@@ -669,7 +686,8 @@ end
 -- claim could still take (none is done twice: an item another worker leased meanwhile, or
 -- already done, is lost), with worker = worker; more as complete_many's.
 function Queue:complete_peeked(ids, worker, more)
-  return complete(self, "complete_peeked", ids, worker, more, nil, true)
+  local done, lost = complete(self, "complete_peeked", ids, worker, more, nil, true)
+  return done, lost -- not a tail call: complete's errors count this frame
 end
 
 -- q:extend(id, worker, lease_seconds) -> lease_until | false, "lease lost" | nil, err, code
