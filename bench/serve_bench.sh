@@ -111,6 +111,18 @@ YAML
   local depth
   depth=$(awk '/^opsrun_queue_depth/ {print $2}' <<< "$metrics")
   echo "opsrun   $queued deliveries queued, $rows in the store, $depth not yet processed by the workers"
+  # how the deliveries were stored: transactions shared by the deliveries that arrived
+  # during the one before, and where a transaction's time went (docs/serve.md, /metrics)
+  awk -v q="$queued" '
+    /^opsrun_delivery_commits_total / {c = $2} /^opsrun_delivery_commit_seconds_total / {cs = $2}
+    /^opsrun_store_batches_total / {b = $2}
+    /^opsrun_store_batch_seconds_total/ {split($1, p, "\""); t[p[2]] = $2}
+    END {
+      if (c == 0 || b == 0) exit
+      printf "opsrun   %d transactions stored them, %.1f deliveries each, %.0f us from hand-over to disk;", c, q / c, cs / c * 1e6
+      printf " the store thread'"'"'s %d batches, mean us: waiting %.0f, committing %.0f, flushing %.0f, returning %.0f\n",
+        b, t["waiting"] / b * 1e6, t["committing"] / b * 1e6, t["flushing"] / b * 1e6, t["returning"] / b * 1e6
+    }' <<< "$metrics"
   # the workers must keep up during the measurement (a backlog would have spared the
   # receiver their transactions): at the end, at most two full groups may be in flight
   [ -n "$depth" ] || { echo "opsrun: /metrics has no opsrun_queue_depth" >&2; exit 1; }

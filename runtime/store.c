@@ -45,6 +45,9 @@ typedef struct {
 	int wal_frames; /* frames in the WAL after the last commit (autocheckpoint = false only) */
 	int autocheckpoint, busy_ms, sync_normal;
 	batch_conn *batch; /* db:batch's own connection, NULL until the first batch */
+	/* db:batch_stats(): the batches run on that connection, and the time (ns) they spent
+	 * in each phase of their way, added up on the loop as each comes back */
+	uint64_t batches, batch_statements, batch_ns[4];
 	unsigned long tick;
 	cache_slot cache[STMT_CACHE_SIZE];
 } store_db;
@@ -770,6 +773,28 @@ static int db_wal_frames(lua_State *L)
 	return 1;
 }
 
+/* db:batch_stats() -> {batches =, statements =, waiting =, committing =, flushing =,
+ * returning =}: the batches db:batch ran on its own connection since the db was opened
+ * (each a transaction of its own, or sharing one with the batches queued beside it), their
+ * statements, and the seconds they spent, added up, waiting for the connection's thread,
+ * in their transaction, waiting for the WAL's flush (durable batches) and waiting for the
+ * loop to take them back. Batches run inside the caller's transaction are not counted. */
+static int db_batch_stats(lua_State *L)
+{
+	static const char *const phase[] = {"waiting", "committing", "flushing", "returning"};
+	store_db *d = check_open_db(L, 1);
+	lua_createtable(L, 0, 6);
+	lua_pushinteger(L, (lua_Integer)d->batches);
+	lua_setfield(L, -2, "batches");
+	lua_pushinteger(L, (lua_Integer)d->batch_statements);
+	lua_setfield(L, -2, "statements");
+	for (int i = 0; i < 4; i++) {
+		lua_pushnumber(L, (lua_Number)d->batch_ns[i] / 1e9);
+		lua_setfield(L, -2, phase[i]);
+	}
+	return 1;
+}
+
 /* A checkpoint in flight on libuv's thread pool, through a connection of its own (opened,
  * used and closed on the worker thread). If the waiting task goes away first, the
  * checkpoint still runs to its end. */
@@ -960,6 +985,9 @@ typedef struct batch_job {
 	char *arena;         /* their SQL texts and text arguments */
 	int rc, misuse, frames;
 	int durable; /* the WAL flushed after the commit: on disk when the batch ends */
+	/* uv_hrtime() at each step of its way: handed to the thread (loop), taken by it,
+	 * committed (or failed), flushed (the commit's time when not durable) */
+	uint64_t t_start, t_taken, t_committed, t_flushed;
 	char err[512];
 } batch_job;
 
@@ -1385,6 +1413,7 @@ static void batch_thread_main(void *arg)
 	uv_mutex_lock(&b->lock);
 	for (;;) {
 		int n = 0, flush = 0, done = 0;
+		uint64_t t;
 		while (b->queue == NULL && !b->stop)
 			uv_cond_wait(&b->wake, &b->lock);
 		if (b->queue == NULL)
@@ -1396,7 +1425,13 @@ static void batch_thread_main(void *arg)
 		if (b->queue == NULL)
 			b->queue_tail = NULL;
 		uv_mutex_unlock(&b->lock);
+		t = uv_hrtime();
+		for (int i = 0; i < n; i++)
+			group[i]->t_taken = t;
 		batch_group_run(b, group, n);
+		t = uv_hrtime();
+		for (int i = 0; i < n; i++)
+			group[i]->t_committed = group[i]->t_flushed = t;
 		uv_mutex_lock(&b->lock);
 		for (int i = 0; i < n; i++) {
 			batch_job *j = group[i];
@@ -1428,14 +1463,17 @@ static void batch_flush_waiting(batch_conn *b)
 	batch_job *j = b->flush;
 	sqlite3_file *wal = b->wal;
 	int rc;
+	uint64_t flushed;
 	b->flush = b->flush_tail = NULL;
 	b->flushing = 1;
 	uv_mutex_unlock(&b->lock);
 	rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
 	uv_mutex_lock(&b->lock);
 	b->flushing = 0;
+	flushed = uv_hrtime();
 	while (j != NULL) {
 		batch_job *next = j->next;
+		j->t_flushed = flushed;
 		if (rc != SQLITE_OK)
 			batch_fail(j, NULL, rc, 0, "committed, but could not be flushed to disk");
 		batch_append(&b->done, &b->done_tail, j);
@@ -1547,6 +1585,7 @@ static void batch_deliver(uv_async_t *h)
 {
 	batch_conn *b = h->data;
 	batch_job *j;
+	uint64_t now = uv_hrtime();
 	uv_mutex_lock(&b->lock);
 	j = b->done;
 	b->done = b->done_tail = NULL;
@@ -1554,6 +1593,15 @@ static void batch_deliver(uv_async_t *h)
 	while (j != NULL) {
 		batch_job *next = j->next;
 		b->in_flight--;
+		if (!b->orphaned && j->owner->db != NULL && j->t_taken != 0) {
+			store_db *d = j->owner;
+			d->batches++;
+			d->batch_statements += (uint64_t)j->nstmts;
+			d->batch_ns[0] += j->t_taken - j->t_start;
+			d->batch_ns[1] += j->t_committed - j->t_taken;
+			d->batch_ns[2] += j->t_flushed - j->t_committed;
+			d->batch_ns[3] += now - j->t_flushed;
+		}
 		if (j->rc == SQLITE_OK && j->frames >= 0 && !b->orphaned && j->owner->db != NULL)
 			j->owner->wal_frames = j->frames;
 		batch_finish(j);
@@ -1588,6 +1636,7 @@ static int batch_start(batch_job *j)
 		b->flusher_started = 1;
 	}
 	j->next = NULL;
+	j->t_start = uv_hrtime();
 	uv_mutex_lock(&b->lock);
 	if (b->queue_tail)
 		b->queue_tail->next = j;
@@ -1788,6 +1837,7 @@ static const luaL_Reg db_methods[] = {
 	{"sync", db_sync},
 	{"checkpoint", db_checkpoint},
 	{"wal_frames", db_wal_frames},
+	{"batch_stats", db_batch_stats},
 	{"_batch", db_batch},
 	{"close", db_close},
 	{NULL, NULL},

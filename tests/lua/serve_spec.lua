@@ -486,6 +486,18 @@ hooks:
       assert.equal(6, H.metric(srv, 'opsrun_run_duration_seconds_bucket{le="%+Inf"}'))
       assert.equal(1, H.metric(srv, 'opsrun_pushes_total{outcome="stale"}'))
       assert.matches("# TYPE opsrun_run_duration_seconds histogram", metrics)
+      -- the deliveries' transactions: at least one, at most one per delivery, each taking time
+      local commits = H.metric(srv, "opsrun_delivery_commits_total")
+      assert.is_true(commits >= 1 and commits <= n - 1, "commits: " .. tostring(commits))
+      local function seconds(pattern) return tonumber(metrics:match("\n" .. pattern .. " ([%d.]+)\n")) end
+      assert.is_true(seconds("opsrun_delivery_commit_seconds_total") > 0)
+      -- the store's batches: those commits and the workers' bookkeeping, each durable one flushed
+      assert.is_true(H.metric(srv, "opsrun_store_batches_total") >= commits)
+      for _, phase in ipairs({"waiting", "committing", "flushing", "returning"}) do
+        local v = seconds('opsrun_store_batch_seconds_total{phase="' .. phase .. '"}')
+        assert.is_true(v and v >= 0, phase)
+      end
+      assert.is_true(seconds('opsrun_store_batch_seconds_total{phase="flushing"}') > 0)
     end)
   end)
 

@@ -1303,6 +1303,33 @@ describe("db:batch", function()
     db = assert(store.open(path))
     assert.equal(2, db:query("SELECT count(*) AS n FROM t")[1].n)
   end)
+
+  it("counts the batches its thread ran, their statements and their time by phase; a flush only when durable", function()
+    local phases = {"waiting", "committing", "flushing", "returning"}
+    local s = db:batch_stats()
+    assert.same({batches = 0, statements = 0, waiting = 0, committing = 0, flushing = 0, returning = 0}, s)
+    assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "a"}, {"INSERT INTO t (x) VALUES (?)", "b"}}))
+    assert.is_nil((db:batch({{"INSERT INTO t (x) VALUES (?)", "a"}}))) -- fails (UNIQUE): still a batch that ran
+    s = db:batch_stats()
+    assert.equal(2, s.batches)
+    assert.equal(3, s.statements)
+    assert.equal(0, s.flushing) -- neither was durable: no flush, no time in it
+    assert.is_true(s.committing > 0)
+    for _, p in ipairs(phases) do assert.is_true(s[p] >= 0, p) end
+    assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "c"}}, {sync = true}))
+    local d = db:batch_stats()
+    assert.equal(3, d.batches)
+    assert.is_true(d.flushing > 0) -- the WAL was synced, and that took time
+    for _, p in ipairs(phases) do assert.is_true(d[p] >= s[p], p) end
+    -- a batch run inside the caller's transaction is not one of the thread's
+    db:transaction(function() assert(db:batch({{"INSERT INTO t (x) VALUES (?)", "d"}})) end)
+    assert.equal(3, db:batch_stats().batches)
+    -- a fresh connection starts from nothing; a closed one refuses
+    local other = assert(store.open(path))
+    assert.equal(0, other:batch_stats().batches)
+    other:close()
+    assert.has_error(function() other:batch_stats() end)
+  end)
 end)
 
 describe("db:checkpoint and autocheckpoint = false", function()

@@ -81,7 +81,8 @@ local function semaphore(n)
 end
 
 local function metrics()
-  local m = {deliveries = {}, pushes = {}, runs = {}, duration_sum = 0, duration_count = 0, buckets = {}}
+  local m = {deliveries = {}, pushes = {}, runs = {}, duration_sum = 0, duration_count = 0, buckets = {},
+    commits = 0, commit_seconds = 0}
   function m.delivery(outcome) m.deliveries[outcome] = (m.deliveries[outcome] or 0) + 1 end
   function m.push(outcome, n) m.pushes[outcome] = (m.pushes[outcome] or 0) + (n or 1) end
   function m.observe_run(status, secs)
@@ -137,6 +138,25 @@ function serve.metrics_text(ctx)
   out[#out + 1] = "# HELP opsrun_workers_busy Hooks whose worker is deploying now."
   out[#out + 1] = "# TYPE opsrun_workers_busy gauge"
   out[#out + 1] = string.format("opsrun_workers_busy %d", #sorted_keys(ctx.busy))
+  local function single(name, kind, help, fmt, v)
+    out[#out + 1] = "# HELP " .. name .. " " .. help
+    out[#out + 1] = "# TYPE " .. name .. " " .. kind
+    out[#out + 1] = string.format("%s " .. fmt, name, v)
+  end
+  single("opsrun_delivery_commits_total", "counter",
+    "Transactions that stored deliveries (the deliveries that arrive meanwhile share the next one).", "%d", m.commits)
+  single("opsrun_delivery_commit_seconds_total", "counter",
+    "Seconds from handing deliveries to the store to their being on disk, added up over those transactions.", "%.6f",
+    m.commit_seconds)
+  -- every batch of the store's own connection: the deliveries' and the workers' bookkeeping
+  local b = ctx.db:batch_stats()
+  single("opsrun_store_batches_total", "counter", "Batches of statements run on the store's batch thread.", "%d", b.batches)
+  out[#out + 1] = "# HELP opsrun_store_batch_seconds_total Seconds those batches spent, added up, by phase: "
+    .. "waiting for the store's thread, committing, flushing the WAL to disk, returning to the server's loop."
+  out[#out + 1] = "# TYPE opsrun_store_batch_seconds_total counter"
+  for _, phase in ipairs({"waiting", "committing", "flushing", "returning"}) do
+    out[#out + 1] = string.format('opsrun_store_batch_seconds_total{phase="%s"} %.6f', phase, b[phase])
+  end
   return table.concat(out, "\n") .. "\n"
 end
 
@@ -332,7 +352,10 @@ local function delivery_writer(ctx)
   local pending, idle = {}, nil
   local checkpoint = checkpointer(ctx)
   local function commit(batch)
+    local started = time.monotonic()
     local n, err = ctx.queue:enqueue_many(batch, {sync = true})
+    ctx.metrics.commits = ctx.metrics.commits + 1
+    ctx.metrics.commit_seconds = ctx.metrics.commit_seconds + (time.monotonic() - started)
     ctx.store_error = not n and tostring(err) or nil
     local queued, first, last, hooks = 0, nil, nil, {}
     for _, e in ipairs(batch) do
