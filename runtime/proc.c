@@ -426,7 +426,7 @@ uint64_t ops_proc_signals_to_reset(void) {
  * memory we share. */
 __attribute__((noreturn, no_sanitize_address, no_sanitize_undefined))
 static void child_exec(const char *program, char *const args[], char *const envp[], const int from[3],
-                       const char *cwd, uint64_t reset, volatile int *err) {
+                       const char *cwd, uint64_t reset, volatile int *err, volatile int *in_cwd) {
   /* the kernel's struct sigaction, all zero: SIG_DFL, no flags, no mask (a buffer larger than
    * it on every architecture); the kernel's sigset is (_NSIG - 1) / 8 bytes (glibc's _NSIG
    * counts one more) */
@@ -440,7 +440,10 @@ static void child_exec(const char *program, char *const args[], char *const envp
     /* dup2 onto itself would keep close-on-exec: clear it instead (dup3: arm64 has no dup2) */
     if (from[i] == i ? syscall(SYS_fcntl, i, F_SETFD, 0) < 0 : syscall(SYS_dup3, from[i], i, 0) < 0) goto fail;
   }
-  if (cwd && syscall(SYS_chdir, cwd) < 0) goto fail;
+  if (cwd && syscall(SYS_chdir, cwd) < 0) {
+    *in_cwd = 1;
+    goto fail;
+  }
   syscall(SYS_rt_sigprocmask, SIG_SETMASK, zeros, NULL, setsize);
   syscall(SYS_execve, program, args, envp);
 fail:
@@ -451,21 +454,22 @@ fail:
 
 /* Starts program with fds from[0..2] as its 0..2, in cwd (or ours), in a session of its
  * own. Returns 0 and the pid, or the errno of what failed in the child (execve's ENOENT,
- * EACCES, ENOEXEC; chdir's...) or of vfork. A vfork shares our memory until the child
+ * EACCES, ENOEXEC; chdir's, with *cwd_failed set: no stat of cwd beforehand) or of vfork. A vfork shares our memory until the child
  * calls execve, which is why the child can hand its errno back in child_err; the failed
  * child has exited when we resume, and is reaped here. glibc's posix_spawn does the same
  * (and more: a stack mapped and unmapped per call, every disposition read before it is
  * reset), measured 40 - 60 us slower per child (bench/README.md, "Deploy"). */
 static int start_child(const char *program, char *const args[], char *const envp[], const int from[3],
-                       const char *cwd, pid_t *pid_out) {
+                       const char *cwd, pid_t *pid_out, int *cwd_failed) {
   uint64_t reset = ops_proc_signals_to_reset();
   sigset_t all, old;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
-  volatile int child_err = 0;
+  volatile int child_err = 0, child_in_cwd = 0;
   pid_t pid = vfork();
-  if (pid == 0) child_exec(program, args, envp, from, cwd, reset, &child_err);
+  if (pid == 0) child_exec(program, args, envp, from, cwd, reset, &child_err, &child_in_cwd);
   int e = pid < 0 ? errno : child_err;
+  *cwd_failed = pid > 0 && child_in_cwd;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (pid > 0 && e != 0) {
     int status;
@@ -595,13 +599,6 @@ static void on_written(uv_write_t *req, int status) {
 }
 
 /* ---- spawning ---- */
-
-static int fail(lua_State *L, const char *code, const char *fmt, const char *what, const char *detail) {
-  lua_pushnil(L);
-  lua_pushfstring(L, fmt, what, detail);
-  lua_pushstring(L, code);
-  return 3;
-}
 
 /* Reads a stream option: "capture" | "inherit" | "ignore" | function | {path=, append=}
  * | "stdout" (stderr only). Raises on misuse; opens nothing. */
@@ -896,12 +893,7 @@ static int l_spawn(lua_State *L) {
 
   lua_getfield(L, 2, "cwd");
   const char *cwd = lua_tostring(L, -1);
-  lua_pop(L, 1); /* the options table anchors it */
-  if (cwd) {
-    struct stat st;
-    if (stat(cwd, &st) != 0 || !S_ISDIR(st.st_mode))
-      return fail(L, "ENOENT", "%s: cannot run in %s: no such directory", args[0], cwd);
-  }
+  lua_pop(L, 1); /* the options table anchors it; the child's chdir checks it */
 
   int out_cb, err_cb, out_append, err_append, out_fd = -1, err_fd = -1;
   const char *out_path, *err_path;
@@ -1006,7 +998,7 @@ static int l_spawn(lua_State *L) {
   const char *path_var = env ? env_path : getenv("PATH");
   char found[4096];
   const char *program = args[0]; /* a path: execve's ENOENT or EACCES says what is wrong */
-  int rc = pipe_failed ? EMFILE : 0;
+  int rc = pipe_failed ? EMFILE : 0, cwd_failed = 0;
   if (rc == 0 && strchr(program, '/') == NULL) {
     rc = find_program(args[0], path_var, found, sizeof found);
     program = found;
@@ -1027,7 +1019,7 @@ static int l_spawn(lua_State *L) {
     }
     p->start = uv_hrtime();
     pid_t pid;
-    rc = start_child(program, args, env ? env : environ, dup_from, cwd, &pid);
+    rc = start_child(program, args, env ? env : environ, dup_from, cwd, &pid, &cwd_failed);
     if (rc == 0) p->pid = pid;
   }
   /* the child has its copies now (or never will) */
@@ -1040,7 +1032,21 @@ static int l_spawn(lua_State *L) {
       if (ours[i] >= 0) close(ours[i]);
     proc_free(p);
     lua_pushnil(L);
-    if (rc == ENOENT)
+    if (!cwd_failed && cwd && rc > 0) { /* failed before the child's chdir: a missing cwd says more */
+      struct stat st;
+      if (stat(cwd, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        cwd_failed = 1;
+        rc = ENOENT;
+      }
+    }
+    if (cwd_failed && (rc == ENOENT || rc == ENOTDIR)) {
+      lua_pushfstring(L, "%s: cannot run in %s: no such directory", args[0], cwd);
+      lua_pushliteral(L, "ENOENT");
+      return 3;
+    }
+    if (cwd_failed)
+      lua_pushfstring(L, "%s: cannot run in %s: %s", args[0], cwd, strerror(rc));
+    else if (rc == ENOENT)
       lua_pushfstring(L, "%s: command not found", args[0]);
     else if (rc == EACCES)
       lua_pushfstring(L, "%s: permission denied (is it executable?)", args[0]);

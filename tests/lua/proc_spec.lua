@@ -100,11 +100,50 @@ describe("ops.proc.run", function()
     h.rmtree(dir)
   end)
 
-  it("refuses a working directory that does not exist", function()
-    local r, err, code = ops.proc.run({"true"}, {cwd = "/no/such/dir"})
+  it("refuses a working directory that does not exist or is not a directory, and runs nothing", function()
+    local dir = h.tmpdir()
+    local marker = dir .. "/ran"
+    local file = dir .. "/file"
+    assert(io.open(file, "w")):close()
+    for _, cwd in ipairs({"/no/such/dir", file, file .. "/below"}) do
+      -- a program found on PATH, one named by a path, and one that does not exist:
+      -- the missing directory is what each is told
+      for _, argv in ipairs({{"touch", marker}, {"/bin/sh", "-c", "touch " .. marker}, {"no-such-program-x"}}) do
+        local r, err, code = ops.proc.run(argv, {cwd = cwd})
+        assert.is_nil(r)
+        assert.are.equal(argv[1] .. ": cannot run in " .. cwd .. ": no such directory", err)
+        assert.are.equal("ENOENT", code)
+      end
+    end
+    assert.is_nil(io.open(marker)) -- nothing ran
+    -- a directory that exists: the missing program is what it is told
+    local r, err = ops.proc.run({"no-such-program-x"}, {cwd = dir})
     assert.is_nil(r)
-    assert.matches("/no/such/dir", err)
-    assert.are.equal("ENOENT", code)
+    assert.are.equal("no-such-program-x: command not found", err)
+    h.rmtree(dir)
+  end)
+
+  it("says when it may not enter the working directory (not that the program is not executable)", function()
+    local dir = h.tmpdir()
+    local locked = dir .. "/locked"
+    assert(ops.proc.run({"mkdir", "-m", "700", locked}))
+    local script = string.format([[
+      local _, err, code = require("ops").proc.run({"true"}, {cwd = %q})
+      print(err, code)]], locked)
+    local argv
+    if require("ops.sys").uid() == 0 then
+      -- root enters any folder: the attempt runs as nobody, who may look at it but not enter it
+      assert(ops.proc.run({"chmod", "755", dir}))
+      argv = {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", h.opsrun, "-e", script}
+    else
+      assert(ops.proc.run({"chmod", "000", locked}))
+      argv = {h.opsrun, "-e", script}
+    end
+    local r = assert(ops.proc.run(argv))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("true: cannot run in " .. locked .. ": Permission denied\tEACCES\n", r.stdout)
+    ops.proc.run({"chmod", "700", locked})
+    h.rmtree(dir)
   end)
 
   it("raises on misuse", function()
