@@ -454,7 +454,8 @@ fail:
 
 /* Starts program with fds from[0..2] as its 0..2, in cwd (or ours), in a session of its
  * own. Returns 0 and the pid, or the errno of what failed in the child (execve's ENOENT,
- * EACCES, ENOEXEC; chdir's, with *cwd_failed set: no stat of cwd beforehand) or of vfork. A vfork shares our memory until the child
+ * EACCES, ENOEXEC; chdir's, with *cwd_failed set: cwd is not looked at beforehand) or of
+ * vfork. A vfork shares our memory until the child
  * calls execve, which is why the child can hand its errno back in child_err; the failed
  * child has exited when we resume, and is reaped here. glibc's posix_spawn does the same
  * (and more: a stack mapped and unmapped per call, every disposition read before it is

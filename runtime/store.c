@@ -1585,11 +1585,12 @@ static void batch_deliver(uv_async_t *h)
 {
 	batch_conn *b = h->data;
 	batch_job *j;
-	uint64_t now = uv_hrtime();
+	uint64_t now;
 	uv_mutex_lock(&b->lock);
 	j = b->done;
 	b->done = b->done_tail = NULL;
 	uv_mutex_unlock(&b->lock);
+	now = uv_hrtime(); /* after every t_flushed of the list: they were set before it was taken */
 	while (j != NULL) {
 		batch_job *next = j->next;
 		b->in_flight--;
