@@ -12,6 +12,7 @@
 # order; the ratios are those of the medians (one run is at the mercy of a noisy machine).
 #   bench/serve_bench.sh                  # OPSRUN=build/opsrun, 10 s per run, 3 rounds
 #   OPSRUN=/tmp/b/opsrun DURATION=30s ROUNDS=5 bench/serve_bench.sh
+#   PAYLOAD=tests/lua/fixtures/webhooks/github/octokit-push-payload.json bench/serve_bench.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -39,12 +40,20 @@ mkdir -p "$work/repo/dev/ansible" && echo 'ansible: {}' > "$work/repo/dev/ansibl
 git -C "$work/repo" add -A
 git -C "$work/repo" -c user.name=bench -c user.email=bench@example.com commit -q -m c0
 head=$(git -C "$work/repo" rev-parse HEAD)
-python3 - "$work/body.json" "$head" <<'PY'
+# the body: a small push (271 bytes), or with PAYLOAD=FILE a push as GitHub sends it (e.g.
+# tests/lua/fixtures/webhooks/github/octokit-push-payload.json, 6.7 KB) with its ref,
+# before and after set to the bench repo's branch and commit
+python3 - "$work/body.json" "$head" "${PAYLOAD:-}" <<'PY'
 import json, sys
-path, head = sys.argv[1], sys.argv[2]
-json.dump({"ref": "refs/heads/main", "before": head, "after": head, "created": False, "deleted": False,
-           "forced": False, "repository": {"full_name": "acme/ops"}, "commits": [],
-           "pusher": {"name": "bench"}}, open(path, "w"))
+path, head, source = sys.argv[1], sys.argv[2], sys.argv[3]
+if source:
+    body = json.load(open(source))
+    body.update({"ref": "refs/heads/main", "before": head, "after": head})
+else:
+    body = {"ref": "refs/heads/main", "before": head, "after": head, "created": False, "deleted": False,
+            "forced": False, "repository": {"full_name": "acme/ops"}, "commits": [],
+            "pusher": {"name": "bench"}}
+json.dump(body, open(path, "w"))
 PY
 export BODY_FILE="$work/body.json"
 export SIGNATURE="sha256=$(openssl dgst -sha256 -hmac "$secret" -r < "$BODY_FILE" | cut -d' ' -f1)"
