@@ -7,7 +7,7 @@ packages=(
   # build
   build-essential cmake pkg-config
   liblua5.4-dev libuv1-dev libyaml-dev lua-cjson-dev libcurl4-openssl-dev libssl-dev
-  libsqlite3-dev libh2o-dev libcmocka-dev
+  libsqlite3-dev libh2o-dev libsimdjson-dev libcmocka-dev
   # run and test
   git bash curl ca-certificates python3 lua-busted ansible-core sqlite3 procps
 )

@@ -1,11 +1,12 @@
-/* lazy.c: ops.core.http_server, loaded on first require.
+/* lazy.c: ops.core.http_server and ops.core.json_select, loaded on first require.
  *
- * The HTTP server (http_server.c) is built as a shared module linked with libh2o, and the
- * module's bytes are compiled into opsrun (build-aux/embed_blob.c). Linking libh2o into
+ * The HTTP server (http_server.c, linked with libh2o) and the JSON selector
+ * (json_select.cpp, linked with libsimdjson and so libstdc++) are built as one shared
+ * module, whose bytes are compiled into opsrun (build-aux/embed_blob.c). Linking libh2o into
  * opsrun itself loaded it, with libssl, libcrypto, zlib and wslay, at every start-up, HTTP
- * or not; now the first `require "ops.core.http_server"` writes the module to a memfd,
- * dlopens it from /proc/self/fd (the system loads libh2o and the rest then) and calls its
- * luaopen. The installed opsrun is still one file.
+ * or not; now the first `require` of either writes the module to a memfd, dlopens it from
+ * /proc/self/fd (the system loads libh2o and the rest then) and calls the luaopen asked
+ * for. The installed opsrun is still one file.
  *
  * The module calls back into opsrun (ops_check_task, ops_wait_*, ops_loop, ops_pcall,
  * ops_main_state) and the Lua API: opsrun exports them (ENABLE_EXPORTS) and the module
@@ -25,10 +26,10 @@
 __attribute__((visibility("hidden"))) extern const unsigned char ops_http_server_module[];
 __attribute__((visibility("hidden"))) extern const size_t ops_http_server_module_len;
 
-static lua_CFunction http_server_open; /* the module's luaopen, once loaded */
+static void *module; /* once loaded; never unloaded: its metatables' functions live in it */
 
 /* Loads the module; returns NULL after writing why into err. */
-static lua_CFunction load_http_server(char *err, size_t errlen) {
+static void *load_module(char *err, size_t errlen) {
   int fd = memfd_create("opsrun-http_server.so", MFD_CLOEXEC);
   if (fd < 0) {
     snprintf(err, errlen, "memfd_create: %s", strerror(errno));
@@ -51,26 +52,27 @@ static lua_CFunction load_http_server(char *err, size_t errlen) {
   snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
   void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   close(fd); /* the mapping stays */
-  if (lib == NULL) {
-    snprintf(err, errlen, "%s", dlerror());
-    return NULL;
-  }
+  if (lib == NULL) snprintf(err, errlen, "%s", dlerror());
+  return lib;
+}
+
+/* Opens the module's part `name` (its luaopen_<symbol>), loading the module first. */
+static int open_part(lua_State *L, const char *name, const char *symbol) {
+  char err[1024];
+  if (module == NULL && (module = load_module(err, sizeof err)) == NULL)
+    return luaL_error(L, "%s: cannot load the server module: %s", name, err);
   lua_CFunction open;
-  *(void **)&open = dlsym(lib, "luaopen_ops_core_http_server");
-  if (open == NULL) {
-    snprintf(err, errlen, "%s", dlerror());
-    dlclose(lib);
-    return NULL;
-  }
-  return open; /* never unloaded: its metatables' functions live in it */
+  *(void **)&open = dlsym(module, symbol);
+  if (open == NULL) return luaL_error(L, "%s: the server module has no %s", name, symbol);
+  return open(L);
 }
 
 /* package.preload["ops.core.http_server"] */
 int ops_open_http_server(lua_State *L) {
-  if (http_server_open == NULL) {
-    char err[1024];
-    http_server_open = load_http_server(err, sizeof err);
-    if (http_server_open == NULL) return luaL_error(L, "ops.core.http_server: cannot load the HTTP server module: %s", err);
-  }
-  return http_server_open(L);
+  return open_part(L, "ops.core.http_server", "luaopen_ops_core_http_server");
+}
+
+/* package.preload["ops.core.json_select"] */
+int ops_open_json_select(lua_State *L) {
+  return open_part(L, "ops.core.json_select", "luaopen_ops_core_json_select");
 }

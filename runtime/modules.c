@@ -297,6 +297,7 @@ static const luaL_Reg core_modules[] = {
     {"ops.core.crypto", luaopen_ops_core_crypto}, {"ops.core.store", luaopen_ops_core_store},
     {"ops.core.http_client", luaopen_ops_core_http_client},
     {"ops.core.http_server", ops_open_http_server}, /* loads the embedded module (lazy.c) */
+    {"ops.core.json_select", ops_open_json_select}, /* the same module */
     {"ops.core.modules", luaopen_ops_core_modules},
     {"cjson", luaopen_cjson},                     {NULL, NULL}};
 

@@ -24,6 +24,8 @@ int luaopen_ops_core_http_client(lua_State *L);
  * preload entry is ops_open_http_server. */
 int luaopen_ops_core_http_server(lua_State *L);
 int ops_open_http_server(lua_State *L);
+/* json_select.cpp is in the same module; its preload entry is ops_open_json_select. */
+int ops_open_json_select(lua_State *L);
 int luaopen_ops_core_modules(lua_State *L);
 int luaopen_cjson(lua_State *L);
 
