@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Webhook receiver: `opsrun serve` against adnanh/webhook 2.8.0 (Debian `webhook`).
-# Both get the same signed GitHub push (HMAC-SHA256 of the body in X-Hub-Signature-256)
+# Both get the same signed GitHub push (HMAC-SHA256 of the body in X-Hub-Signature-256;
+# by default a push GitHub sent, recorded: PAYLOAD below)
 # under wrk -c 32. opsrun verifies it, de-duplicates it by X-GitHub-Delivery (a new one on
 # every request, bench/serve_wrk.lua), commits it to its store (SQLite, WAL; concurrent
 # deliveries share a transaction, committed with the WAL flushed to disk: db:batch with
@@ -12,7 +13,7 @@
 # order; the ratios are those of the medians (one run is at the mercy of a noisy machine).
 #   bench/serve_bench.sh                  # OPSRUN=build/opsrun, 10 s per run, 3 rounds
 #   OPSRUN=/tmp/b/opsrun DURATION=30s ROUNDS=5 bench/serve_bench.sh
-#   PAYLOAD=tests/lua/fixtures/webhooks/github/octokit-push-payload.json bench/serve_bench.sh
+#   PAYLOAD=minimal bench/serve_bench.sh   # or PAYLOAD=FILE: another push payload
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -40,13 +41,16 @@ mkdir -p "$work/repo/dev/ansible" && echo 'ansible: {}' > "$work/repo/dev/ansibl
 git -C "$work/repo" add -A
 git -C "$work/repo" -c user.name=bench -c user.email=bench@example.com commit -q -m c0
 head=$(git -C "$work/repo" rev-parse HEAD)
-# the body: a small push (271 bytes), or with PAYLOAD=FILE a push as GitHub sends it (e.g.
-# tests/lua/fixtures/webhooks/github/octokit-push-payload.json, 6.7 KB) with its ref,
-# before and after set to the bench repo's branch and commit
-python3 - "$work/body.json" "$head" "${PAYLOAD:-}" <<'PY'
+# the body: a push as GitHub sends it (PAYLOAD, by default the recorded push of
+# tests/lua/fixtures/webhooks/github/octokit-push-payload.json: 6.7 KB with the repository,
+# pusher, sender and head commit) with its ref, before and after set to the bench repo's
+# branch and commit; or, with PAYLOAD=minimal, a 271-byte body with only the fields opsrun
+# reads (the body of the benchmarks before session 8)
+payload="${PAYLOAD:-$root/tests/lua/fixtures/webhooks/github/octokit-push-payload.json}"
+python3 - "$work/body.json" "$head" "$payload" <<'PY'
 import json, sys
 path, head, source = sys.argv[1], sys.argv[2], sys.argv[3]
-if source:
+if source != "minimal":
     body = json.load(open(source))
     body.update({"ref": "refs/heads/main", "before": head, "after": head})
 else:
