@@ -31,6 +31,8 @@
 namespace {
 
 constexpr size_t MAX_DEPTH = 500;
+constexpr size_t SMALL = 64 * 1024;    /* the parser's capacity to start with */
+constexpr size_t BIG = 4 * 1024 * 1024; /* past this, a smaller text shrinks it back */
 constexpr int MAX_SPEC_DEPTH = 32;
 
 simdjson::dom::parser *parser; /* made by the first select, kept for the next */
@@ -96,8 +98,8 @@ void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
 		return;
 	}
 	luaL_checkstack(L, 4, "json_select: nesting too deep");
-	lua_getfield(L, spec, "[]");
-	int each = lua_type(L, -1) != LUA_TNIL;
+	lua_pushliteral(L, "[]");
+	int each = lua_rawget(L, spec) != LUA_TNIL; /* raw: no metamethod runs in a select */
 	if (each && v.type() == simdjson::dom::element_type::ARRAY) {
 		int elem = lua_gettop(L);
 		simdjson::dom::array a = v.get_array().value_unsafe();
@@ -146,30 +148,60 @@ void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
 	lua_settop(L, result);
 }
 
+/* select's values, made under a pcall (so that `busy` is cleared whatever happens) */
+struct select_job {
+	simdjson::dom::element root;
+};
+
+int push_job(lua_State *L)
+{
+	select_job *job = (select_job *)lua_touserdata(L, 1);
+	push_selected(L, job->root, 2, 0);
+	return 1;
+}
+
+bool busy; /* a select is making values: the parser's document is in use */
+
 /* select(text, spec) -> value | nil, err */
 int l_select(lua_State *L)
 {
 	size_t len;
 	const char *text = luaL_checklstring(L, 1, &len);
 	luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE || lua_isboolean(L, 2), 2, "table or boolean");
+	if (busy) { /* called again while values are made (a finalizer run by an allocation) */
+		lua_pushnil(L);
+		lua_pushliteral(L, "json_select: a select is already running");
+		return 2;
+	}
 	if (parser == NULL) {
 		parser = new (std::nothrow) simdjson::dom::parser();
 		/* the depth is kept when the parser grows for a longer text */
-		if (parser == NULL || parser->allocate(64 * 1024, MAX_DEPTH) != simdjson::SUCCESS) {
+		if (parser == NULL || parser->allocate(SMALL, MAX_DEPTH) != simdjson::SUCCESS) {
 			delete parser;
 			parser = NULL;
 			return luaL_error(L, "json_select: out of memory");
 		}
+	} else if (parser->capacity() > BIG && len <= BIG) {
+		/* a large body grew it (its buffers are several times the text): give that back */
+		if (parser->allocate(SMALL, MAX_DEPTH) != simdjson::SUCCESS)
+			return luaL_error(L, "json_select: out of memory");
 	}
-	simdjson::dom::element root;
+	select_job job;
 	/* realloc_if_needed: the text is copied into a padded buffer, freed before it returns */
-	simdjson::error_code err = parser->parse(text, len, true).get(root);
+	simdjson::error_code err = parser->parse(text, len, true).get(job.root);
 	if (err != simdjson::SUCCESS) {
 		lua_pushnil(L);
 		lua_pushstring(L, simdjson::error_message(err));
 		return 2;
 	}
-	push_selected(L, root, 2, 0);
+	busy = true;
+	lua_pushcfunction(L, push_job);
+	lua_pushlightuserdata(L, &job);
+	lua_pushvalue(L, 2);
+	int rc = lua_pcall(L, 2, 1, 0);
+	busy = false;
+	if (rc != LUA_OK)
+		return lua_error(L);
 	return 1;
 }
 

@@ -10,7 +10,7 @@ local cjson_decode = verify.decode_json -- lua-cjson, numbers as floats, depth 5
 -- The spec's reading of a value lua-cjson decoded: the reference select must match.
 local function project(v, spec)
   if type(spec) ~= "table" or type(v) ~= "table" then return v end
-  local each = spec["[]"]
+  local each = rawget(spec, "[]")
   local is_array = #v > 0 or next(v) == nil
   if each ~= nil then
     if not is_array then return v end
@@ -108,16 +108,42 @@ describe("ops.core.json_select", function()
 
   it("reads a body far larger than a push, and a large one again after it", function()
     local commits = {}
-    for i = 1, 20000 do
+    for i = 1, 40000 do
       commits[i] = string.format('{"id": "%040x", "added": ["dir/f%d.txt"], "message": "%s"}', i, i, string.rep("m", 50))
     end
     local text = '{"ref": "refs/heads/main", "commits": [' .. table.concat(commits, ",") .. "]}"
-    assert.is_true(#text > 2e6)
+    assert.is_true(#text > 4 * 1024 * 1024) -- past the size after which the parser shrinks back
     local p = agree(text, verify.PUSH_FIELDS)
-    assert.equal(20000, #p.commits)
-    assert.same({"dir/f20000.txt"}, p.commits[20000].added)
+    assert.equal(40000, #p.commits)
+    assert.same({"dir/f40000.txt"}, p.commits[40000].added)
     assert.is_nil(p.commits[1].message)
     agree('{"ref": "x"}', verify.PUSH_FIELDS) -- the parser grew; a small one after it
+    assert.equal(40000, #agree(text, verify.PUSH_FIELDS).commits) -- and a large one again
+  end)
+
+  it("runs no Lua code of the spec's, and refuses to run inside itself (from a finalizer)", function()
+    local touched = false
+    local spec = setmetatable({ref = true}, {__index = function() touched = true end})
+    assert.same({ref = "r"}, agree('{"ref": "r", "x": [1]}', spec))
+    assert.is_false(touched)
+    -- finalizers that select, run by the collector while a select makes its values
+    local answers = {}
+    local big = "[" .. string.rep('{"a": "' .. string.rep("x", 40) .. '"},', 20000) .. "1]"
+    collectgarbage("incremental", 10, 400) -- a collection at every few allocations
+    for _ = 1, 2000 do
+      setmetatable({}, {__gc = function()
+        local v, err = select('{"a": 1}', true)
+        answers[#answers + 1] = v and "value" or err
+      end})
+    end
+    local v = select(big, true)
+    collectgarbage("incremental", 200, 100)
+    collectgarbage()
+    assert.equal(20001, #v)
+    assert.is_true(#answers > 0)
+    for _, a in ipairs(answers) do
+      assert.is_true(a == "value" or a == "json_select: a select is already running", a)
+    end
   end)
 
   it("raises on misuse", function()
