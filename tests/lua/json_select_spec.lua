@@ -146,6 +146,60 @@ describe("ops.core.json_select", function()
     end
   end)
 
+  it("agrees with lua-cjson on every mangled payload it accepts (seeded: the same 3,000 each run)", function()
+    local texts = {}
+    for i, name in ipairs(FIXTURES) do
+      texts[i] = assert(h.read(h.source .. "/tests/lua/fixtures/webhooks/" .. name))
+    end
+    local BYTES = {'"', "\\", "{", "}", "[", "]", ",", ":", "0", "-", "e", ".", "\0", "\31", "\127", "\192",
+      "\237\160\128", "\\u", "\\ud800", "\\u0000", "true", "null", " ", "\n", "1e999", "99999999999999999999"}
+    local rng = {state = 12345}
+    local function rand(n) -- a small LCG: the same cases on every machine
+      rng.state = (rng.state * 1103515245 + 12345) % 2147483648
+      return rng.state % n + 1
+    end
+    local accepted, refused = 0, 0
+    for _ = 1, 3000 do
+      local t = texts[rand(#texts)]
+      for _ = 1, rand(4) do
+        if #t == 0 then break end
+        local at, kind = rand(#t), rand(7)
+        if kind >= 5 then -- what keeps it JSON: a letter for a letter or an escape, a key again
+          local c = t:sub(at, at)
+          if kind == 7 then
+            local KEYS = {'"ref": "refs/heads/x", ', '"commits": {"id": 1}, ', '"repository": [1], ',
+              '"before": null, ', '"commits": [{"added": ["a", 2]}, 3], ', '"forced": "yes", '}
+            t = t:gsub("^%s*{", "{" .. KEYS[rand(#KEYS)], 1)
+          elseif c:match("%a") then
+            local SAFE = {"q", "Z", "\\n", "\\u00e9", "\\\"", "\\/"}
+            t = t:sub(1, at - 1) .. SAFE[rand(#SAFE)] .. t:sub(at + 1)
+          end
+        elseif kind == 1 then -- a byte replaced
+          t = t:sub(1, at - 1) .. BYTES[rand(#BYTES)] .. t:sub(at + 1)
+        elseif kind == 2 then -- inserted
+          t = t:sub(1, at) .. BYTES[rand(#BYTES)] .. t:sub(at + 1)
+        elseif kind == 3 then -- a span removed
+          t = t:sub(1, at - 1) .. t:sub(at + rand(40))
+        else -- cut short
+          t = t:sub(1, at)
+        end
+      end
+      local spec = rand(2) == 1 and verify.PUSH_FIELDS or true
+      local got = select(t, spec)
+      if got ~= nil then
+        accepted = accepted + 1
+        local ok, decoded = pcall(cjson_decode, t)
+        assert(ok, "lua-cjson refused what json_select accepted: " .. t)
+        assert.same(project(decoded, spec), got)
+      else
+        refused = refused + 1
+      end
+    end
+    -- both kinds were met (a mangling often leaves valid JSON: a digit for a digit, a space)
+    assert.is_true(accepted > 100, "accepted " .. accepted)
+    assert.is_true(refused > 100, "refused " .. refused)
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() select(nil, true) end)
     assert.has_error(function() select("{}", "spec") end)
