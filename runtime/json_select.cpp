@@ -33,7 +33,6 @@ namespace {
 constexpr size_t MAX_DEPTH = 500;
 constexpr size_t SMALL = 64 * 1024;    /* the parser's capacity to start with */
 constexpr size_t BIG = 4 * 1024 * 1024; /* past this, a smaller text shrinks it back */
-constexpr int MAX_SPEC_DEPTH = 32;
 
 simdjson::dom::parser *parser; /* made by the first select, kept for the next */
 
@@ -42,7 +41,7 @@ int null_ref = LUA_NOREF; /* cjson.null, from the registry */
 void push_null(lua_State *L) { lua_rawgeti(L, LUA_REGISTRYINDEX, null_ref); }
 
 /* The whole of v, as lua-cjson makes it. */
-void push_whole(lua_State *L, simdjson::dom::element v, int depth)
+void push_whole(lua_State *L, simdjson::dom::element v)
 {
 	luaL_checkstack(L, 3, "json_select: nesting too deep");
 	switch (v.type()) {
@@ -51,7 +50,7 @@ void push_whole(lua_State *L, simdjson::dom::element v, int depth)
 		lua_createtable(L, (int)a.size() < 1 << 20 ? (int)a.size() : 0, 0);
 		lua_Integer i = 0;
 		for (simdjson::dom::element e : a) {
-			push_whole(L, e, depth + 1);
+			push_whole(L, e);
 			lua_rawseti(L, -2, ++i);
 		}
 		return;
@@ -61,7 +60,7 @@ void push_whole(lua_State *L, simdjson::dom::element v, int depth)
 		lua_createtable(L, 0, (int)o.size() < 1 << 20 ? (int)o.size() : 0);
 		for (simdjson::dom::key_value_pair kv : o) {
 			lua_pushlstring(L, kv.key.data(), kv.key.size());
-			push_whole(L, kv.value, depth + 1);
+			push_whole(L, kv.value);
 			lua_rawset(L, -3); /* a repeated key: the last one stays */
 		}
 		return;
@@ -90,11 +89,12 @@ void push_whole(lua_State *L, simdjson::dom::element v, int depth)
 	push_null(L); /* not reached: every type is above */
 }
 
-/* v by the spec at index spec (absolute). */
-void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
+/* v by the spec at index spec (absolute); the recursion goes no deeper than the
+ * document (MAX_DEPTH), whatever the spec (even one that holds itself). */
+void push_selected(lua_State *L, simdjson::dom::element v, int spec)
 {
-	if (lua_type(L, spec) != LUA_TTABLE || depth > MAX_SPEC_DEPTH) {
-		push_whole(L, v, depth);
+	if (lua_type(L, spec) != LUA_TTABLE) {
+		push_whole(L, v);
 		return;
 	}
 	luaL_checkstack(L, 4, "json_select: nesting too deep");
@@ -106,7 +106,7 @@ void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
 		lua_createtable(L, (int)a.size() < 1 << 20 ? (int)a.size() : 0, 0);
 		lua_Integer i = 0;
 		for (simdjson::dom::element e : a) {
-			push_selected(L, e, elem, depth + 1);
+			push_selected(L, e, elem);
 			lua_rawseti(L, -2, ++i);
 		}
 		lua_remove(L, elem);
@@ -114,7 +114,7 @@ void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
 	}
 	lua_pop(L, 1);
 	if (each || v.type() != simdjson::dom::element_type::OBJECT) {
-		push_whole(L, v, depth);
+		push_whole(L, v);
 		return;
 	}
 	simdjson::dom::object o = v.get_object().value_unsafe(); /* a copy: the result is a temporary */
@@ -139,7 +139,7 @@ void push_selected(lua_State *L, simdjson::dom::element v, int spec, int depth)
 			const char *want = lua_tolstring(L, key, &n);
 			if (n == kv.key.size() && memcmp(want, kv.key.data(), n) == 0) {
 				lua_pushvalue(L, key);
-				push_selected(L, kv.value, key + 1, depth + 1);
+				push_selected(L, kv.value, key + 1);
 				lua_rawset(L, result); /* a repeated key: the last one stays */
 				break;
 			}
@@ -156,7 +156,7 @@ struct select_job {
 int push_job(lua_State *L)
 {
 	select_job *job = (select_job *)lua_touserdata(L, 1);
-	push_selected(L, job->root, 2, 0);
+	push_selected(L, job->root, 2);
 	return 1;
 }
 

@@ -126,6 +126,13 @@ describe("ops.core.json_select", function()
     local spec = setmetatable({ref = true}, {__index = function() touched = true end})
     assert.same({ref = "r"}, agree('{"ref": "r", "x": [1]}', spec))
     assert.is_false(touched)
+    -- a spec that holds itself follows the document down, and no further
+    local deep_spec = {}
+    deep_spec.x = deep_spec
+    local doc = string.rep('{"x": ', 400) .. '{"y": 1}' .. string.rep("}", 400)
+    local v = agree(doc, deep_spec)
+    for _ = 1, 400 do v = v.x end
+    assert.same({}, v) -- y was not asked for
     -- finalizers that select, run by the collector while a select makes its values
     local answers = {}
     local big = "[" .. string.rep('{"a": "' .. string.rep("x", 40) .. '"},', 20000) .. "1]"
