@@ -169,6 +169,14 @@ static int same_content(tree_sync *t, int sfd, int dfd, const char *name)
 	return same;
 }
 
+/* 1 when the destination's lstat already shows the source's mode bits, owner (as root)
+ * and mtime: nothing to fix, no need to open it. */
+static int meta_same(const tree_sync *t, const struct stat *ss, const struct stat *ds)
+{
+	return (!t->as_root || (ds->st_uid == ss->st_uid && ds->st_gid == ss->st_gid)) &&
+	       (ds->st_mode & 07777) == (ss->st_mode & 07777) && same_time(&ds->st_mtim, &ss->st_mtim);
+}
+
 /* Gives the open destination fd the source's mode bits, owner (as root) and mtime where
  * they differ. */
 static int fix_meta(tree_sync *t, int fd, const struct stat *ss)
@@ -309,10 +317,12 @@ static int sync_subdir(tree_sync *t, int sfd, int dfd, const char *name, const s
 		close(cdfd);
 		return fail(t, err, t->dst);
 	}
+	long changed = t->copied + t->removed;
 	err = sync_dir(t, csfd, cdfd);
-	/* the mtime last: making the entries changed it */
-	if (!err) /* (after a failure it stays open: removing the copy must still work) */
-		err = fix_meta(t, cdfd, ss);
+	/* the mtime last: making the entries changed it (a folder nothing was done in, whose
+	 * lstat showed the source's metadata, is left as it is) */
+	if (!err && (opened || !ds || t->copied + t->removed != changed || !meta_same(t, ss, ds)))
+		err = fix_meta(t, cdfd, ss); /* (after a failure it stays open: removing the copy must still work) */
 	close(csfd);
 	close(cdfd);
 	return err;
@@ -338,6 +348,10 @@ static int sync_entry(tree_sync *t, int sfd, int dfd, const char *name)
 		int same = same_content(t, sfd, dfd, name);
 		if (same < 0)
 			return t->err;
+		if (same && meta_same(t, &ss, &ds)) {
+			t->same++;
+			return 0;
+		}
 		if (same) {
 			int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 			int err;
@@ -360,6 +374,7 @@ static int sync_entry(tree_sync *t, int sfd, int dfd, const char *name)
 static int sync_dir(tree_sync *t, int sfd, int dfd)
 {
 	int pass, err = 0;
+	long entries = 0; /* the source's, all of which the destination now has */
 	for (pass = 0; pass < 2 && !err; pass++) {
 		int walked = pass == 0 ? sfd : dfd;
 		int fd = dup(walked);
@@ -372,6 +387,24 @@ static int sync_dir(tree_sync *t, int sfd, int dfd)
 			err = errno;
 			close(fd);
 			return fail(t, err, pass == 0 ? t->src : t->dst);
+		}
+		if (pass == 1) {
+			/* as many entries as the source's: the destination has nothing else */
+			long n = 0;
+			errno = 0;
+			while ((e = readdir(d)) != NULL)
+				if (!is_dot(e->d_name))
+					n++;
+			if (errno) {
+				err = fail(t, errno, t->dst);
+				closedir(d);
+				break;
+			}
+			if (n == entries) {
+				closedir(d);
+				break;
+			}
+			rewinddir(d);
 		}
 		for (;;) {
 			size_t saved;
@@ -395,6 +428,7 @@ static int sync_dir(tree_sync *t, int sfd, int dfd)
 			}
 			if (pass == 0) {
 				err = sync_entry(t, sfd, dfd, e->d_name);
+				entries++;
 			} else if (fstatat(sfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
 				if (errno != ENOENT)
 					err = fail(t, errno, t->src);

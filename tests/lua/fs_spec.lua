@@ -729,6 +729,22 @@ describe("fs.sync_tree", function()
     assert.same(snapshot(p("src")), snapshot(p("dst")))
   end)
 
+  it("gives back a folder's and a file's mode and mtime when nothing else changed", function()
+    assert(fs.sync_tree(p("src"), p("dst")))
+    local ino = fs.stat(p("dst/sub/deeper/values.yaml")).ino
+    assert(fs.chmod(p("dst/sub/deeper"), "0700"))
+    assert(ops.proc.run({"touch", "-m", "-d", "@1000000", p("dst/sub/deeper/values.yaml"), p("dst/empty")}).ok)
+    local n = assert(fs.sync_tree(p("src"), p("dst")))
+    assert.same({copied = 0, removed = 0, same = 6}, n)
+    assert.equals(ino, fs.stat(p("dst/sub/deeper/values.yaml")).ino) -- fixed in place
+    assert.same(snapshot(p("src")), snapshot(p("dst")))
+    for _, d in ipairs({"sub/deeper", "empty"}) do
+      local s, c = fs.stat(p("src/" .. d)), fs.stat(p("dst/" .. d))
+      assert.equals(s.mode, c.mode)
+      assert.equals(s.mtime, c.mtime)
+    end
+  end)
+
   it("undoes what a run changed in the copy: edits, new files, modes, swapped types", function()
     assert(fs.sync_tree(p("src"), p("dst")))
     assert(fs.write(p("dst/sub/deeper/values.yaml"), "replicas: 9\n")) -- same size, other bytes
