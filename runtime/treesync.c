@@ -348,17 +348,15 @@ static int sync_entry(tree_sync *t, int sfd, int dfd, const char *name)
 		int same = same_content(t, sfd, dfd, name);
 		if (same < 0)
 			return t->err;
-		if (same && meta_same(t, &ss, &ds)) {
-			t->same++;
-			return 0;
-		}
 		if (same) {
-			int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-			int err;
-			if (fd < 0)
-				return fail(t, errno, t->dst);
-			err = fix_meta(t, fd, &ss);
-			close(fd);
+			int err = 0;
+			if (!meta_same(t, &ss, &ds)) { /* opened only to fix what the lstat showed */
+				int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+				if (fd < 0)
+					return fail(t, errno, t->dst);
+				err = fix_meta(t, fd, &ss);
+				close(fd);
+			}
 			if (!err)
 				t->same++;
 			return err;
@@ -400,7 +398,7 @@ static int sync_dir(tree_sync *t, int sfd, int dfd)
 				closedir(d);
 				break;
 			}
-			if (n == entries) {
+			if (n == entries) { /* (the last pass: the walk is over) */
 				closedir(d);
 				break;
 			}
