@@ -20,7 +20,7 @@ options:
   --keep-going        after a failure, go on with the steps that do not need it
   --fail-fast         stop starting steps after the first failure (the default)
   --dry-run           print every command with its folder and environment; run nothing
-  --only STEP         only these steps (ENV/FOLDER, FOLDER or TOOL; repeatable)
+  --only STEP         only these steps (ENV/FOLDER, FOLDER, TOOL or ENV; repeatable)
   --skip STEP         not these steps (same forms; repeatable)
   --changed-since REV only the environments whose files (or _default's) changed since
                       REV (git diff, uncommitted and untracked files included); without

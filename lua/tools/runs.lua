@@ -14,17 +14,29 @@ local when = time.stamp
 
 function M.main(args)
   local store, limit, show
+  local function usage(msg)
+    io.stderr:write("opsrun runs: ", msg, "\n", M.USAGE)
+    return 2
+  end
   local i = 1
   while i <= (args.n or #args) do
-    local a = args[i]
-    if a == "--store" and args[i + 1] then store = args[i + 1]; i = i + 2
-    elseif a == "--limit" and args[i + 1] then limit = math.tointeger(tonumber(args[i + 1])); i = i + 2
-    elseif a == "show" and args[i + 1] then show = math.tointeger(tonumber(args[i + 1])); i = i + 2
-      if not show then io.stderr:write("opsrun runs show: ID must be a run number\n"); return 2 end
-    elseif a == "-h" or a == "--help" then io.stdout:write(M.USAGE); return 0
+    local a, v = args[i], args[i + 1]
+    if a == "-h" or a == "--help" then io.stdout:write(M.USAGE); return 0
+    elseif a == "--store" or a == "--limit" or a == "show" then
+      if v == nil or v == "" then
+        return usage(a == "show" and "show needs a run ID (opsrun runs lists them)" or a .. " needs a value")
+      end
+      if a == "--store" then store = v
+      elseif a == "--limit" then
+        limit = math.tointeger(tonumber(v))
+        if not limit or limit < 1 then return usage("--limit needs a whole number of at least 1, not " .. v) end
+      else
+        show = v:match("^%d+$") and math.tointeger(tonumber(v))
+        if not show then return usage("show: ID must be a run number, not " .. v) end
+      end
+      i = i + 2
     else
-      io.stderr:write("opsrun runs: unknown argument ", a, "\n", M.USAGE)
-      return 2
+      return usage("unknown argument " .. a)
     end
   end
   local ok, db = pcall(history.open, store)

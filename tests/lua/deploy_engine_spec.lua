@@ -319,6 +319,28 @@ describe("--only and --skip", function()
     assert.are.same({"ordered/ansible", "ordered/infra-one"}, rows_of({"--skip", "infra-two"}))
     assert.are.same({"ordered/infra-two"}, rows_of({"--only", "terraform", "--skip", "ordered/infra-one"}))
   end)
+
+  it("refuse a name that is no step, folder, tool or environment, and run nothing", function()
+    for _, args in ipairs({{"--skip", "infra-tow"}, {"--only", "ordered/terraform"}, {"--only", "ansible,halm"},
+        {"--only", "ordered/infra-one/x"}}) do
+      local r = deploy(plan(), concat({"--env", "ordered"}, args))
+      assert.are.equal(1, r.code, r.out)
+      local name = args[2]:match("halm") or args[2]
+      assert.matches(args[1] .. " " .. name .. ": no step, folder, tool or environment of that name "
+        .. "(steps: ordered/ansible, ordered/infra-one, ordered/infra-two; tools: ansible, cloudformation, helm, terraform)",
+        r.stderr, 1, true)
+      assert.not_matches("ordered/ansible  ", r.stdout)   -- no summary: nothing ran
+    end
+  end)
+
+  it("say so when a known name leaves no step", function()
+    -- a tool the environment does not use, another environment: nothing to do, not an error
+    for _, args in ipairs({{"--only", "helm"}, {"--only", "plain"}, {"--only", "plain/helm"}}) do
+      local r = deploy(plan(), concat({"--env", "ordered", "--dry-run"}, args))
+      assert.are.equal(0, r.code, r.out)
+      assert.are.equal("nothing to deploy: --only/--skip left no step\n", r.stdout)
+    end
+  end)
 end)
 
 -- ---------------------------------------------------------------------------------------
@@ -948,6 +970,30 @@ describe("history", function()
       local bytes = h.read(fs.join(fs.dirname(store), name)) or ""
       assert.is_nil(bytes:find("tok-424242", 1, true), name .. " holds the secret")
     end
+  end)
+end)
+
+describe("opsrun runs, given bad arguments", function()
+  it("answers with usage errors that name the argument", function()
+    for _, c in ipairs({
+      {{"runs", "--limit", "x"}, "--limit needs a whole number of at least 1, not x"},
+      {{"runs", "--limit", "0"}, "--limit needs a whole number of at least 1, not 0"},
+      {{"runs", "--limit"}, "--limit needs a value"},
+      {{"runs", "--store"}, "--store needs a value"},
+      {{"runs", "show"}, "show needs a run ID (opsrun runs lists them)"},
+      {{"runs", "show", "-1"}, "show: ID must be a run number, not -1"},
+      {{"runs", "show", "1e3"}, "show: ID must be a run number, not 1e3"},
+      {{"runs", "show", string.rep("9", 30)}, "show: ID must be a run number, not " .. string.rep("9", 30)},
+      {{"runs", "--bogus"}, "unknown argument --bogus"},
+    }) do
+      local r = opsrun(c[1])
+      assert.are.equal(2, r.code, table.concat(c[1], " "))
+      assert.matches("^opsrun runs: " .. c[2]:gsub("%p", "%%%0") .. "\nusage: opsrun runs", r.stderr)
+      assert.are.equal("", r.stdout)
+    end
+    local none = opsrun({"runs", "show", "987654"})
+    assert.are.equal(1, none.code)
+    assert.are.equal("opsrun runs: no run 987654\n", none.stderr)
   end)
 end)
 

@@ -56,6 +56,33 @@ function deploy.driver(tool)
   return mod
 end
 
+-- A name given to --only or --skip must name something: a step, folder, tool or environment
+-- of the environments planned, a tool opsrun knows, or an environment of the repo (or a
+-- step of one) that was not planned (--changed-since left it out). A misspelt --skip would
+-- deploy what it was meant to keep out, a misspelt --only would deploy nothing and succeed.
+local function check_selection(root, flag, list, names, planned)
+  local all
+  for _, want in ipairs(list or {}) do
+    local known = names[want] or repo.is_tool(want)
+    if not known then
+      all = all or repo.environments(root)
+      local env = want:match("^([^/]+)/[^/]+$") or want
+      for _, e in ipairs(all) do
+        if e == env and not planned[e] then known = true end
+      end
+    end
+    if not known then
+      local ids = {}
+      for id in pairs(names) do
+        if id:find("/", 1, true) then ids[#ids + 1] = id end
+      end
+      table.sort(ids)
+      failure.raise(string.format("%s %s: no step, folder, tool or environment of that name (steps: %s; tools: %s)",
+        flag, want, #ids > 0 and table.concat(ids, ", ") or "none", repo.tool_names()))
+    end
+  end
+end
+
 --- deploy.plan(opts) -> steps for a BitOps repo: opts.repo, opts.envs (nil: all of them),
 --- opts.only, opts.skip, opts.changed_since (keeps the environments whose files, or _default's,
 --- changed since that revision). Steps of one environment run in order, each needing the one
@@ -72,12 +99,14 @@ function deploy.plan(opts)
       if changed[e] or changed[repo.DEFAULT_DIR] then envs[#envs + 1] = e end
     end
   end
-  local steps, settings = {}, {}
+  local steps, settings, names, planned = {}, {}, {}, {}
   for _, env in ipairs(envs) do
     local env_steps, s = repo.plan_env(root, env)
     settings[env] = s
+    planned[env], names[env] = true, true
     local prev
     for _, st in ipairs(env_steps) do
+      names[st.id], names[st.folder], names[st.tool] = true, true, true
       local function matches(list)
         for _, want in ipairs(list or {}) do
           if want == st.id or want == st.folder or want == st.tool or want == st.env then return true end
@@ -91,6 +120,8 @@ function deploy.plan(opts)
       end
     end
   end
+  check_selection(root, "--only", opts.only, names, planned)
+  check_selection(root, "--skip", opts.skip, names, planned)
   return steps, settings, envs
 end
 
@@ -326,7 +357,13 @@ function deploy.run(opts)
     end
     if fail_fast == nil then fail_fast = true end
     if #steps == 0 then
-      out:write("nothing to deploy" .. (opts.changed_since and (": no environment changed since " .. opts.changed_since) or "") .. "\n")
+      local why = ""
+      if opts.changed_since and not next(settings) then
+        why = ": no environment changed since " .. opts.changed_since
+      elseif #(opts.only or {}) + #(opts.skip or {}) > 0 then
+        why = ": --only/--skip left no step"
+      end
+      out:write("nothing to deploy" .. why .. "\n")
       return 0, {steps = {}}
     end
 

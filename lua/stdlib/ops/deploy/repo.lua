@@ -74,6 +74,11 @@ local function tool_names()
   return table.concat(out, ", ")
 end
 
+--- repo.is_tool(name) -> whether tools.<name> is a deployment driver (built in or the repo's)
+repo.is_tool = known_tool
+--- repo.tool_names() -> "ansible, cloudformation, ..." (the drivers opsrun can run)
+repo.tool_names = tool_names
+
 --- repo.plan_env(root, env) -> steps, settings
 --- steps: {{id, env, tool, folder}} in deployment order; settings: the env's bitops table
 function repo.plan_env(root, env)
