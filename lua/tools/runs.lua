@@ -21,6 +21,8 @@ function M.main(args)
   local i = 1
   while i <= (args.n or #args) do
     local a, v = args[i], args[i + 1]
+    local k, inline = a:match("^(%-%-[%w-]+)=(.*)$")   -- --store=PATH, --limit=N
+    if k then a, v, i = k, inline, i - 1 end
     if a == "-h" or a == "--help" then io.stdout:write(M.USAGE); return 0
     elseif a == "--store" or a == "--limit" or a == "show" then
       if v == nil or v == "" then

@@ -979,6 +979,8 @@ describe("opsrun runs, given bad arguments", function()
       {{"runs", "--limit", "x"}, "--limit needs a whole number of at least 1, not x"},
       {{"runs", "--limit", "0"}, "--limit needs a whole number of at least 1, not 0"},
       {{"runs", "--limit"}, "--limit needs a value"},
+      {{"runs", "--limit="}, "--limit needs a value"},
+      {{"runs", "--limit=-2"}, "--limit needs a whole number of at least 1, not -2"},
       {{"runs", "--store"}, "--store needs a value"},
       {{"runs", "show"}, "show needs a run ID (opsrun runs lists them)"},
       {{"runs", "show", "-1"}, "show: ID must be a run number, not -1"},
