@@ -304,6 +304,64 @@ describe("the plan of an environment", function()
   end)
 end)
 
+describe("an environment's bitops settings", function()
+  local made
+  local function settings_repo()
+    made = made or make_repo(base .. "/settings", {
+      ["maybe/bitops.config.yaml"] = "bitops:\n  fail_fast: maybe\n",
+      ["logfive/bitops.config.yaml"] = "bitops:\n  logging: 5\n",
+      ["listed/bitops.config.yaml"] = "bitops: [1]\n",
+      -- BitOps' settings opsrun has no use for, and keys left empty (their children commented out)
+      ["empty/bitops.config.yaml"] = "bitops:\n  logging:\n  fail_fast:\n  run_mode: default\n  timeout: 600\n",
+      ["bare/bitops.config.yaml"] = "bitops:\n",
+      ["typo/bitops.config.yaml"] = "bitops:\n  fail-fast: false\n  deployment: {}\n",
+      ["maybe/terraform/main.tf"] = TF_PLAN, ["logfive/terraform/main.tf"] = TF_PLAN,
+      ["listed/terraform/main.tf"] = TF_PLAN, ["empty/terraform/main.tf"] = TF_PLAN,
+      ["bare/terraform/main.tf"] = TF_PLAN, ["typo/terraform/main.tf"] = TF_PLAN,
+    })
+    return made
+  end
+
+  it("refuses a value of the wrong kind, naming the file and the key", function()
+    local repo = settings_repo()
+    for env, msg in pairs({
+      maybe = 'maybe/bitops.config.yaml: bitops.fail_fast must be true or false, not the string "maybe"',
+      logfive = "logfive/bitops.config.yaml: bitops.logging must be a mapping (masks: ...), not the number 5",
+      listed = "listed/bitops.config.yaml: bitops must be a mapping, not a list",
+    }) do
+      local r = deploy(repo, {"--env", env, "--dry-run"})
+      assert.are.equal(1, r.code, r.out)
+      assert.matches(msg, r.stderr, 1, true)
+      assert.not_matches("traceback", r.out)
+    end
+    -- a wrong value from _default/bitops.config.yaml names that file
+    local d = make_repo(base .. "/settings-default", {
+      ["_default/bitops.config.yaml"] = "bitops:\n  fail_fast: sometimes\n",
+      ["x/bitops.config.yaml"] = "bitops: {}\n", ["x/terraform/main.tf"] = TF_PLAN,
+    })
+    local r = deploy(d, {"--env", "x", "--dry-run"})
+    assert.are.equal(1, r.code, r.out)
+    assert.matches('_default/bitops.config.yaml: bitops.fail_fast must be true or false, not the string "sometimes"',
+      r.stderr, 1, true)
+  end)
+
+  it("takes empty keys as absent, passes over BitOps' own settings and warns of any other key", function()
+    local repo = settings_repo()
+    for _, env in ipairs({"empty", "bare"}) do
+      local r = deploy(repo, {"--env", env, "--dry-run"})
+      assert.are.equal(0, r.code, r.out)
+      assert.are.same({env .. "/terraform"}, (summary(r.stdout)))
+      assert.not_matches("WARN", r.stderr)
+    end
+    local r = deploy(repo, {"--env", "typo", "--dry-run"})
+    assert.are.equal(0, r.code, r.out)
+    local notice = " is not a setting opsrun knows (deployments, fail_fast, logging); ignored\n"
+    local a = r.stderr:find("typo/bitops.config.yaml: bitops.deployment" .. notice, 1, true)
+    local b = r.stderr:find("typo/bitops.config.yaml: bitops.fail-fast" .. notice, 1, true)
+    assert.is_truthy(a and b and a < b, r.stderr)
+  end)
+end)
+
 describe("--only and --skip", function()
   local function rows_of(args)
     local r = deploy(plan(), concat({"--env", "ordered", "--dry-run"}, args))

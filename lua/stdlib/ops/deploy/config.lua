@@ -64,6 +64,9 @@ local function describe(v)
   return "the " .. type(v) .. " " .. tostring(v)
 end
 
+--- config.describe(v) -> how a message names a wrong value ("the string \"x\"", "a list", "the number 5")
+config.describe = describe
+
 local TRUE = {["true"] = true, yes = true, on = true, ["1"] = true}
 local FALSE = {["false"] = true, no = true, off = true, ["0"] = true}
 

@@ -34,6 +34,11 @@ function repo.environments(root)
   return out
 end
 
+local USED = {deployments = true, fail_fast = true, logging = true}
+-- BitOps settings opsrun has no use for, ignored without a word (docs/migrating-from-bitops.md)
+local BITOPS_ONLY = {run_mode = true, default_folder = true, timeout = true, plugins = true, source = true,
+  opsrepo_root_default_dir = true}
+
 --- repo.env_config(root, env) -> the environment's bitops settings ({} when absent)
 function repo.env_config(root, env)
   local shown = env .. "/bitops.config.yaml"
@@ -41,17 +46,41 @@ function repo.env_config(root, env)
   local default = config.load_yaml(fs.join(root, repo.DEFAULT_DIR, "bitops.config.yaml"),
     repo.DEFAULT_DIR .. "/bitops.config.yaml")
   local merged = config.deep_merge(default or {}, file or {})
+  -- a wrong value is named with the file it came from: the environment's, else _default's
+  local own = type(file) == "table" and type(file.bitops) == "table" and file.bitops or {}
+  local function from(key)
+    local mine = key and own[key] ~= nil or not key and type(file) == "table" and file.bitops ~= nil
+    return mine and shown or repo.DEFAULT_DIR .. "/bitops.config.yaml"
+  end
+  local function mapping(v) return type(v) == "table" and (next(v) == nil or not config.is_sequence(v)) end
   local b = merged.bitops
-  if b ~= nil and type(b) ~= "table" then failure.raise(shown .. ": bitops must be a mapping") end
+  if b == yaml.null then b = nil end -- `bitops:` with nothing under it (all of it commented out)
+  if b ~= nil and not mapping(b) then
+    failure.raise(from() .. ": bitops must be a mapping, not " .. config.describe(b))
+  end
   b = b or {}
+  for _, key in ipairs({"fail_fast", "logging"}) do
+    if b[key] == yaml.null then b[key] = nil end
+  end
+  if b.fail_fast ~= nil and type(b.fail_fast) ~= "boolean" then
+    failure.raise(string.format("%s: bitops.fail_fast must be true or false, not %s", from("fail_fast"),
+      config.describe(b.fail_fast)))
+  end
+  if b.logging ~= nil and not mapping(b.logging) then
+    failure.raise(string.format("%s: bitops.logging must be a mapping (masks: ...), not %s", from("logging"),
+      config.describe(b.logging)))
+  end
+  local unknown = {} -- misspelt, most likely
   for key in pairs(b) do
-    if key ~= "deployments" and key ~= "fail_fast" and key ~= "logging" then
-      require("ops.log").warn(string.format("%s: bitops.%s is a BitOps setting opsrun does not use; ignored"
-        .. " (docs/migrating-from-bitops.md)", shown, tostring(key)))
+    if not USED[key] and not BITOPS_ONLY[key] then
+      unknown[#unknown + 1] = string.format("%s: bitops.%s is not a setting opsrun knows (deployments, fail_fast,"
+        .. " logging); ignored", from(key), tostring(key))
     end
   end
+  table.sort(unknown)
+  for _, msg in ipairs(unknown) do require("ops.log").warn(msg) end
   -- keep the document order of the deployments the environment's own file gave
-  local order_src = file and file.bitops and file.bitops.deployments or (b.deployments)
+  local order_src = own.deployments or b.deployments
   return b, order_src, shown
 end
 
@@ -283,7 +312,7 @@ end
 --- (BitOps gives Python regexes: the common subset is translated to Lua patterns)
 function repo.mask_patterns(masks, shown)
   local out = {}
-  if masks == nil then return out end
+  if masks == nil or masks == yaml.null then return out end
   if type(masks) ~= "table" then failure.raise(shown .. ": bitops.logging.masks must be a list") end
   for i, m in ipairs(masks) do
     local where = string.format("%s: bitops.logging.masks[%d]", shown, i)
