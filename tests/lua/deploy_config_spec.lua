@@ -120,6 +120,25 @@ describe("config precedence", function()
       assert.matches("(e/helm/bitops.config.yaml)", failure.message(err), 1, true)
     end
   end)
+
+  it("takes the tool's own section left empty as no settings, and refuses one of another kind", function()
+    local yaml = require "ops.yaml"
+    for _, file in ipairs({{helm = yaml.null}, {helm = {}}, yaml.load("helm:\n")}) do
+      local cfg, _, warnings = nested(file)
+      assert.are.same({}, warnings)
+      assert.is_nil(cfg.options.k8s.kubeconfigpath)
+    end
+    -- left empty beside the settings written flat: those count
+    local cfg, _, warnings = nested({helm = yaml.null, options = {k8s = {kubeconfigpath = "/k"}}})
+    assert.are.same({}, warnings)
+    assert.are.equal("/k", cfg.options.k8s.kubeconfigpath)
+    for file, kind in pairs({[{helm = 5}] = "the number 5", [{helm = {"a"}}] = "a list", [{helm = "on"}] = 'the string "on"'}) do
+      local ok, err = pcall(nested, file)
+      assert.is_false(ok)
+      assert.are.equal("environment 'e': helm step: helm must be a mapping (cli:, options:), not " .. kind
+        .. " (e/helm/bitops.config.yaml)", failure.message(err))
+    end
+  end)
 end)
 
 describe("BitOps logging.masks", function()

@@ -172,10 +172,22 @@ function config.resolve(schema, file_table, ctx)
   if not getenv then env = sys.environ_view() end -- a table lookup per name, not a scan of environ
   local exports, warnings = {}, {}
   local body = file_table or {}
-  -- BitOps nests the settings under the tool's name; accept both forms
-  if type(body[ctx.tool]) == "table" then body = body[ctx.tool] end
   local function bad(path, why)
     failure.raise(string.format("%s: %s %s (%s)", ctx.where, table.concat(path, "."), why, ctx.file))
+  end
+  -- BitOps nests the settings under the tool's name; accept both forms (`terraform:` with
+  -- nothing under it: no settings)
+  local nested = body[ctx.tool]
+  if nested ~= nil and schema[ctx.tool] == nil then
+    if is_null(nested) then
+      local rest = {}
+      for k, v in pairs(body) do if k ~= ctx.tool then rest[k] = v end end
+      body = rest
+    elseif type(nested) ~= "table" or (next(nested) ~= nil and is_sequence(nested)) then
+      bad({ctx.tool}, "must be a mapping (cli:, options:), not " .. describe(nested))
+    else
+      body = nested
+    end
   end
   local c = compile(schema, ctx.tool)
 
