@@ -455,6 +455,10 @@ assert(ops.fs.write(os.getenv("OUT") .. "/lua-hook", string.format("pid=%d\nid=%
     ["bare/ansible/bitops.config.yaml"] = "cli:\n  extra-vars: greeting=bare\n",
     ["bare/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
     ["noexec/ansible/bitops.before-deploy.d/check"] = {"#!/bin/sh\nexit 0\n", mode = "0644"},
+    ["luabad/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+    ["luabad/ansible/bitops.before-deploy.d/01-syntax.lua"] = "if FAIL_SYNTAX then x = = 1 end\n",
+    ["luaraise/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+    ["luaraise/ansible/bitops.before-deploy.d/01-raise.lua"] = "local step = ...\nif step then error({}) end\n",
   })
   return site_repo
 end
@@ -539,6 +543,18 @@ describe("hooks", function()
     assert.are.equal("failed", status["dev/ansible"])
     assert.matches("dev/ansible failed: hook bitops.before-deploy.d/04-maybe-fail.sh exited with 3", r.stdout, 1, true)
     assert.is_false(fs.exists(out .. "/dev.txt"))
+  end)
+
+  it("name a Lua hook that cannot load or fails by its path in the repo", function()
+    local r = deploy(site(), {"--env", "luabad"})
+    assert.are.equal(1, r.code)
+    assert.matches("luabad/ansible failed: hook bitops.before-deploy.d/01-syntax.lua cannot be loaded: "
+      .. "luabad/ansible/bitops.before-deploy.d/01-syntax.lua:1: unexpected symbol near '='", r.stdout, 1, true)
+    -- an error with no message says so (not a table's address)
+    r = deploy(site(), {"--env", "luaraise"})
+    assert.are.equal(1, r.code)
+    assert.matches("luaraise/ansible failed: hook bitops.before-deploy.d/01-raise.lua failed: "
+      .. "it raised a table with no message\n", r.stdout, 1, true)
   end)
 
   it("refuse a hook that is neither executable nor a .sh, saying how to fix it", function()

@@ -35,12 +35,21 @@ function hooks.run(step, phase)
       local out = step.out or io.stdout
       out:write(string.format("[%s] would run the Lua hook %s\n", step.id, label))
     elseif name:match("%.lua$") then
-      local chunk, err = loadfile(path, "t")
+      -- named as messages name the step's files (STEP/...: env/folder/... for a BitOps
+      -- step), not by the run's working copy
+      local text, rerr = fs.read(path)
+      if not text then step:fail("hook " .. label .. " cannot be read: " .. rerr) end
+      local chunk, err = load(text, "@" .. step.id .. "/" .. label, "t")
       if not chunk then step:fail("hook " .. label .. " cannot be loaded: " .. err) end
       local ok, herr = pcall(chunk, step)
       if not ok then
         local failure = require "ops.deploy.failure"
-        step:fail("hook " .. label .. " failed: " .. failure.message(herr))
+        local why = failure.message(herr)
+        if type(herr) ~= "string" and type(herr) ~= "number" and not failure.is(herr)
+            and not (getmetatable(herr) or {}).__tostring then
+          why = "it raised a " .. type(herr) .. " with no message" -- error({}): no address of ours to show
+        end
+        step:fail("hook " .. label .. " failed: " .. why)
       end
     else
       local argv
