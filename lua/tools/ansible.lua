@@ -130,7 +130,7 @@ function M:playbooks(step)
       if p:sub(1, 1) == "-" then -- ansible-playbook would read it as an option
         step:fail(string.format("cli.main-playbook %s starts with '-': name the file ./%s (%s)", p, p, step.config_file))
       end
-      local st = fs.stat(step:path(p))
+      local st = fs.stat(step:path(p, "cli.main-playbook"))
       if not st or st.type ~= "file" then
         step:fail(string.format("cli.main-playbook names %s, which is not a file in %s (%s)", p, step.id,
           step.config_file))

@@ -65,12 +65,6 @@ local function k8s(step)
 end
 
 -- A path for messages: relative to the working copy, as the user knows it from the repo.
-local function shown(step, path)
-  local root = step.workdir .. "/"
-  if path:sub(1, #root) == root then return path:sub(#root + 1) end
-  return path
-end
-
 local function is_file(path)
   return fs.type(path) == "file"
 end
@@ -137,7 +131,7 @@ function M:kubeconfig(step)
     if not is_file(full) then
       step:fail(string.format("options.k8s.kubeconfigpath (or KUBE_CONFIG_PATH) is %s, but there "
         .. "is no such file (%s): give the path of a kubeconfig file, relative to %s or absolute",
-        path, step.config_file, shown(step, step.dir)))
+        path, step.config_file, step:shown(step.dir)))
     end
     step.log.info("kubeconfig: " .. path)
     return full
@@ -163,7 +157,7 @@ local function read_chart_yaml(step, dir)
   local meta, err = yaml.load_file(file)
   if not meta then step:fail("cannot read the chart: " .. err) end
   if type(meta) ~= "table" then
-    step:fail(shown(step, file)
+    step:fail(step:shown(file)
       .. ": a Chart.yaml must be a mapping (apiVersion, name, version, …)")
   end
   return meta
@@ -177,7 +171,7 @@ local function chart_folders(step)
         or not is_file(fs.join(step.dir, wanted, "Chart.yaml")) then
       step:fail(string.format("BITOPS_ENVIRONMENT_HELM_SUBDIRECTORY is %s, but %s has no "
         .. "Chart.yaml: name one chart folder of %s", wanted,
-        shown(step, fs.join(step.dir, wanted)), shown(step, step.dir)))
+        step:shown(fs.join(step.dir, wanted)), step:shown(step.dir)))
     end
     return {wanted}
   end
@@ -228,7 +222,7 @@ function M:charts(step)
     for i, c in ipairs(found) do names[i] = c.name end
     step:fail(string.format("options.release-name (%s) names one release, but %s has %d charts "
       .. "(%s) (%s): remove it to name each release after its chart folder, or deploy one chart "
-      .. "with BITOPS_ENVIRONMENT_HELM_SUBDIRECTORY", release_name, shown(step, step.dir), #found,
+      .. "with BITOPS_ENVIRONMENT_HELM_SUBDIRECTORY", release_name, step:shown(step.dir), #found,
       table.concat(names, ", "), step.config_file))
   end
 
@@ -240,7 +234,7 @@ function M:charts(step)
       release_name and "options.release-name" or "the chart folder's name")
   end
   if #found == 0 then
-    step.log.warn("no chart folder in " .. shown(step, step.dir)
+    step.log.warn("no chart folder in " .. step:shown(step.dir)
       .. " (a chart folder is a subfolder with a Chart.yaml): nothing to deploy")
   end
   return found
@@ -266,7 +260,7 @@ function M:values(step, chart)
     local _, _, code = fs.within(step.workdir, path)
     if code == "EOUTSIDE" then
       step:fail(string.format("%s leads outside the working copy (options.default-root-dir, "
-        .. "options.default-sub-dir, or a symlink): give a path inside the repo (%s)", shown(step, path),
+        .. "options.default-sub-dir, or a symlink): give a path inside the repo (%s)", step:shown(path),
         step.config_file))
     end
     if is_file(path) then files[#files + 1] = path end

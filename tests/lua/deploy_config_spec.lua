@@ -67,6 +67,19 @@ describe("config precedence", function()
       failure.message(err))
   end)
 
+  it("refuses a string with a NUL byte, which no command line can carry", function()
+    local nul = "contains a NUL byte (\\0), which no command line or variable can carry (e/terraform/bitops.config.yaml)"
+    for _, c in ipairs({
+      {{options = {["stack-action"] = "pl\0an"}}, "options.stack-action " .. nul},
+      {{cli = {target = {"a", "b\0"}}}, "cli.target item 2 " .. nul},
+      {{cli = {target = "a\0"}}, "cli.target " .. nul},
+    }) do
+      local ok, err = pcall(resolve, c[1], {})
+      assert.is_false(ok)
+      assert.are.equal("environment 'e': terraform step: " .. c[2], failure.message(err))
+    end
+  end)
+
   it("reads a comma-separated list from a variable", function()
     assert.are.same({"a.b", "c"}, resolve({}, {BITOPS_TERRAFORM_TARGET = "a.b, c"}).cli.target)
   end)

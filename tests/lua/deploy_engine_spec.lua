@@ -457,6 +457,10 @@ assert(ops.fs.write(os.getenv("OUT") .. "/lua-hook", string.format("pid=%d\nid=%
     ["noexec/ansible/bitops.before-deploy.d/check"] = {"#!/bin/sh\nexit 0\n", mode = "0644"},
     ["luabad/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
     ["luabad/ansible/bitops.before-deploy.d/01-syntax.lua"] = "if FAIL_SYNTAX then x = = 1 end\n",
+    ["outside/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+    ["outside/ansible/bitops.config.yaml"] = "ansible:\n  cli:\n    main-playbook: ../../dev/ansible/playbook.yaml\n",
+    ["cfnmissing/cloudformation/bitops.config.yaml"] = "cloudformation:\n  options:\n    cfn-stack-name: s\n"
+      .. "    cfn-files:\n      template-file: nope.yaml\n",
     ["luaraise/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
     ["luaraise/ansible/bitops.before-deploy.d/01-raise.lua"] = "local step = ...\nif step then error({}) end\n",
   })
@@ -562,6 +566,20 @@ describe("hooks", function()
     assert.are.equal(1, r.code)
     assert.matches("hook bitops.before-deploy.d/check is not executable (chmod +x it, or name it .sh to run it with bash)",
       r.stdout, 1, true)
+  end)
+end)
+
+describe("a path in a tool's settings", function()
+  it("is named as the repo has it, with its key and file, never by the run's working copy", function()
+    local r = deploy(site(), {"--env", "outside"})
+    assert.are.equal(1, r.code)
+    assert.matches("outside/ansible failed: cli.main-playbook: ../../dev/ansible/playbook.yaml leads outside "
+      .. "outside/ansible (outside/ansible/bitops.config.yaml)", r.stdout, 1, true)
+    r = deploy(site(), {"--env", "cfnmissing"})
+    assert.are.equal(1, r.code)
+    assert.matches("cfnmissing/cloudformation failed: options.cfn-files.template-file names nope.yaml, which does not "
+      .. "exist in cfnmissing/cloudformation (stack 's') (cfnmissing/cloudformation/bitops.config.yaml)", r.stdout, 1, true)
+    assert.not_matches("opsrun%-run%-", r.out)
   end)
 end)
 

@@ -69,6 +69,9 @@ function Step:fail(msg)
   error({step_failure = true, message = msg}, 0)
 end
 
+-- how messages show a path: the real step's rule
+Step.shown = require("ops.deploy.step").shown
+
 function Step:path(rel)
   assert(not rel:find("%.%."), "fake step: path escapes: " .. rel)
   return self.dir .. "/" .. rel

@@ -70,9 +70,12 @@ config.describe = describe
 local TRUE = {["true"] = true, yes = true, on = true, ["1"] = true}
 local FALSE = {["false"] = true, no = true, off = true, ["0"] = true}
 
+local NUL = "contains a NUL byte (\\0), which no command line or variable can carry"
+
 -- Converts a value to the schema's type; returns value or nil, reason.
 local function coerce(v, spec, from_env)
   local t = spec.type or "string"
+  if type(v) == "string" and v:find("\0", 1, true) then return nil, NUL end
   if t == "string" then
     if type(v) == "string" then return v end
     if type(v) == "number" then return tostring(v) end
@@ -102,6 +105,7 @@ local function coerce(v, spec, from_env)
         if type(item) ~= "string" and type(item) ~= "number" and type(item) ~= "boolean" then
           return nil, "item " .. i .. " must be a string, not " .. describe(item)
         end
+        if type(item) == "string" and item:find("\0", 1, true) then return nil, "item " .. i .. " " .. NUL end
         out[i] = tostring(item)
       end
       return out

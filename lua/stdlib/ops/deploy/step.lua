@@ -126,11 +126,38 @@ function Step:fail(message)
   failure.raise(message)
 end
 
---- step:path(rel) -> absolute path inside step.dir (no .. or symlink escapes)
-function Step:path(rel)
-  local p, err = fs.within(self.dir, rel)
-  if not p then self:fail(string.format("%s: %s", self.id, err)) end
-  return p
+--- step:shown(text) -> a path, or a message holding paths, as the user should read it: a
+--- path in the run's working copy as the repo has it (ENV/FOLDER/...: the copy is gone when
+--- the message is read), any other as it is
+function Step:shown(text)
+  local root = self.workdir and self.workdir .. "/"
+  if not root then return text end
+  local out, at = {}, 1
+  while true do
+    local i, j = text:find(root, at, true)
+    if not i then break end
+    out[#out + 1] = text:sub(at, i - 1)
+    at = j + 1
+  end
+  out[#out + 1] = text:sub(at)
+  return table.concat(out)
+end
+
+--- step:path(rel [, key]) -> absolute path inside step.dir (no .. or symlink escapes); else
+--- fails the step naming rel, and key and the config file when given (the setting rel came from)
+function Step:path(rel, key)
+  local p, err, code
+  if rel:find("\0", 1, true) then
+    err = "contains a NUL byte"
+  else
+    p, err, code = fs.within(self.dir, rel)
+    if p then return p end
+    err = code == "EOUTSIDE" and "leads outside " .. self.id or self:shown(err)
+  end
+  if key then
+    self:fail(string.format("%s: %s %s (%s)", key, rel, err, self.config_file))
+  end
+  self:fail(string.format("%s: %s %s", self.id, rel, err))
 end
 
 --- step:private_file(name, content) -> path of a 0600 file removed with the run
