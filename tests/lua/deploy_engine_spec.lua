@@ -461,6 +461,8 @@ assert(ops.fs.write(os.getenv("OUT") .. "/lua-hook", string.format("pid=%d\nid=%
     ["outside/ansible/bitops.config.yaml"] = "ansible:\n  cli:\n    main-playbook: ../../dev/ansible/playbook.yaml\n",
     ["cfnmissing/cloudformation/bitops.config.yaml"] = "cloudformation:\n  options:\n    cfn-stack-name: s\n"
       .. "    cfn-files:\n      template-file: nope.yaml\n",
+    ["extradir/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+    ["extradir/ansible/extra_env/not-a-file"] = "",
     ["luaraise/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
     ["luaraise/ansible/bitops.before-deploy.d/01-raise.lua"] = "local step = ...\nif step then error({}) end\n",
   })
@@ -579,6 +581,12 @@ describe("a path in a tool's settings", function()
     assert.are.equal(1, r.code)
     assert.matches("cfnmissing/cloudformation failed: options.cfn-files.template-file names nope.yaml, which does not "
       .. "exist in cfnmissing/cloudformation (stack 's') (cfnmissing/cloudformation/bitops.config.yaml)", r.stdout, 1, true)
+    assert.not_matches("opsrun%-run%-", r.out)
+    -- any failure's message: what the system said about a file of the copy names it as the repo has it
+    r = deploy(site(), {"--env", "extradir"})
+    assert.are.equal(1, r.code)
+    assert.matches("extradir/ansible failed: cannot read extradir/ansible/extra_env: EISDIR: is a directory: "
+      .. "extradir/ansible/extra_env\n", r.stdout, 1, true)
     assert.not_matches("opsrun%-run%-", r.out)
   end)
 end)

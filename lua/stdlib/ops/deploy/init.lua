@@ -275,7 +275,8 @@ local function execute(run, s)
   end, traceback)
   if not ok then
     s.status = "failed"
-    s.error = failure.message(err)
+    -- paths in the working copy as the repo has them: the copy is gone once the run ends
+    s.error = step:shown(failure.message(err))
     step.log.error(failure.is(err) and s.error or ("internal error: " .. s.error))
     if driver and type(driver.recover) == "function" then
       local rok, rerr = pcall(driver.recover, driver, step, err)
