@@ -124,24 +124,23 @@ function M:stack(step)
   end
   if action == "deploy" and not fs.exists(stack.template) then
     fail_config(step, "options.cfn-files.template-file",
-      string.format("names %s, which does not exist in %s (stack '%s')", template_file, step:shown(step.dir), name))
+      string.format("names %s, which does not exist in %s (stack '%s')", template_file, step.dir, name))
   end
   return stack
 end
 
 -- Reads a parameters file: a JSON array of {ParameterKey, ParameterValue}.
 local function read_parameters(step, path, key)
-  local shown = step:shown(path)
   local text, err = fs.read(path)
-  if not text then fail_config(step, key, "names a file that cannot be read: " .. step:shown(err)) end
-  local list, jerr = json.decode(text, shown)
+  if not text then fail_config(step, key, "names a file that cannot be read: " .. err) end
+  local list, jerr = json.decode(text, path)
   if type(list) ~= "table" or (next(list) ~= nil and #list == 0) then
     fail_config(step, key, string.format("names %s, which is not a JSON array of "
-      .. "{\"ParameterKey\", \"ParameterValue\"}%s", shown, jerr and (": " .. jerr) or ""))
+      .. "{\"ParameterKey\", \"ParameterValue\"}%s", path, jerr and (": " .. jerr) or ""))
   end
   for i, p in ipairs(list) do
     if type(p) ~= "table" or type(p.ParameterKey) ~= "string" then
-      fail_config(step, key, string.format("names %s, whose entry %d has no ParameterKey", shown, i))
+      fail_config(step, key, string.format("names %s, whose entry %d has no ParameterKey", path, i))
     end
   end
   return list
@@ -159,7 +158,7 @@ function M:parameters(step, stack)
   local path = file and step:path(file, file_key)
   if path and not fs.exists(path) then
     fail_config(step, file_key, string.format("names %s, which does not exist in %s (stack '%s')",
-      file, step:shown(step.dir), stack.name))
+      file, step.dir, stack.name))
   end
   if setting(step, "options", "cfn-merge-parameters", "enabled") == true then
     local dir_name = setting(step, "options", "cfn-merge-parameters", "directory")
@@ -168,7 +167,7 @@ function M:parameters(step, stack)
     local names, err = fs.glob("*.json", dir)
     if not names or not fs.exists(dir) then
       fail_config(step, dir_key, string.format("names %s, which is not a directory in %s%s",
-        dir_name, step:shown(step.dir), err and (": " .. step:shown(err)) or ""))
+        dir_name, step.dir, err and (": " .. err) or ""))
     end
     local merged, index = json.array(), {}
     local function add(list)

@@ -152,7 +152,7 @@ function Step:path(rel, key)
   else
     p, err, code = fs.within(self.dir, rel)
     if p then return p end
-    err = code == "EOUTSIDE" and "leads outside " .. self.id or self:shown(err)
+    err = code == "EOUTSIDE" and "leads outside " .. self.id or err
   end
   if key then
     self:fail(string.format("%s: %s %s (%s)", key, rel, err, self.config_file))
