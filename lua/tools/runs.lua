@@ -46,6 +46,7 @@ function M.main(args)
     io.stderr:write("opsrun runs: ", failure.message(db), "\n")
     return 1
   end
+  pcall(history.reap, db) -- a run whose process is gone is shown as interrupted, not running
   if show then
     local run = history.run(db, show)
     if not run then
@@ -55,6 +56,7 @@ function M.main(args)
     print(string.format("run %d  %s  started %s  finished %s", run.id, run.status, when(run.started), when(run.finished)))
     print(string.format("repo %s  revision %s  environments %s", run.repo or "-", run.revision or "-", run.envs or "-"))
     if run.delivery then print("delivery " .. run.delivery) end
+    if run.error and run.error ~= "" then print("error " .. run.error) end
     if run.args and run.args ~= "" then print("args " .. run.args) end
     for _, s in ipairs(run.steps) do
       print(string.format("\n%s  %s  exit %s  %.1fs", s.id, s.status, s.code and tostring(s.code) or "-", s.duration or 0))

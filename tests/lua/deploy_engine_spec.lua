@@ -1048,6 +1048,51 @@ describe("SIGTERM during a deploy", function()
   end)
 end)
 
+describe("a deploy killed with SIGKILL", function()
+  it("is recorded as interrupted by the next command, and its working folder is removed", function()
+    local pids = base .. "/sleep-pids-kill"
+    local child = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", graph(), "--env", "a"}, {
+      env = {OPSRUN_STORE = store, EVENTS = base .. "/events", SLEEP_PIDS = pids, NO_COLOR = "1",
+        BITOPS_ENVIRONMENT = false, ENVIRONMENT = false, TMPDIR = base .. "/tmp"},
+      stdout = "capture", stderr = "capture",
+    }))
+    for _ = 1, 300 do
+      if h.read(pids) and h.read(pids):match("%d+ %d+") then break end
+      ops.sleep(0.05)
+    end
+    local hook, sleeper = (h.read(pids) or ""):match("(%d+) (%d+)")
+    assert.is_truthy(hook, "the hook did not start")
+    local id, workdir = sqlite("SELECT id, workdir FROM runs ORDER BY id DESC LIMIT 1"):match("^(%d+)|(.+)$")
+    assert.matches("/opsrun%-run%-", workdir)
+    assert.is_true(fs.exists(workdir .. "/a/terraform"))
+    -- the step's row (written RECORD_DELAY after it starts: what a kill may lose)
+    for _ = 1, 100 do
+      if sqlite("SELECT count(*) FROM steps WHERE run_id = " .. id .. " AND status = 'running'") == "1" then break end
+      ops.sleep(0.05)
+    end
+    assert(ops.sys.kill(child.pid, "SIGKILL"))
+    child:wait()
+    ops.sys.kill(tonumber(sleeper), "SIGKILL") -- its own process group: SIGKILL stopped no child
+    ops.sys.kill(tonumber(hook), "SIGKILL")
+    assert.are.equal("running", sqlite("SELECT status FROM runs WHERE id = " .. id))
+    local list = opsrun({"runs"})
+    assert.are.equal(0, list.code, list.out)
+    assert.matches("\n%s*" .. id .. "  interrupted ", list.stdout)
+    assert.is_false(fs.exists(workdir))   -- the copies (and any decoded secret) with it
+    local show = opsrun({"runs", "show", id})
+    assert.matches("\nerror its process (" .. child.pid .. ") ended without finishing the run: killed, or the machine stopped\n",
+      show.stdout, 1, true)
+    assert.matches("a/terraform  interrupted", show.stdout, 1, true)
+    -- a deploy looks too, and says so
+    sqlite("UPDATE runs SET status = 'running' WHERE id = " .. id)
+    local again = deploy(graph(), {"--env", "a"})
+    assert.are.equal(0, again.code, again.out)
+    assert.matches("run " .. id .. " was left running by process " .. child.pid .. ", which is gone: recorded as interrupted",
+      again.stderr, 1, true)
+    assert.are.equal("0", sqlite("SELECT count(*) FROM runs WHERE status = 'running'"))
+  end)
+end)
+
 describe("history", function()
   it("lists runs and shows each step's status, exit code, duration and log tail, secrets masked", function()
     local r = deploy(graph(), {"--env", "b", "--keep-going"}, {SAY = "tok-424242", FAIL_STEP = "b/terraform"})
@@ -1092,6 +1137,16 @@ describe("opsrun runs, given bad arguments", function()
       assert.are.equal(2, r.code, table.concat(c[1], " "))
       assert.matches("^opsrun runs: " .. c[2]:gsub("%p", "%%%0") .. "\nusage: opsrun runs", r.stderr)
       assert.are.equal("", r.stdout)
+    end
+    -- a store a newer opsrun wrote (its history's schema past what this one knows)
+    local newer = base .. "/newer.db"
+    assert.are.equal(0, opsrun({"runs", "--store", newer}).code)
+    assert(ops.proc.run({"sqlite3", newer, "UPDATE ops_schema_versions SET version = 99 WHERE component = 'ops.deploy'"}))
+    for _, argv in ipairs({{"runs", "--store", newer}, {"deploy", "--repo", graph(), "--env", "a", "--store", newer}}) do
+      local r = opsrun(argv)
+      assert.are.equal(1, r.code, r.out)
+      assert.matches("the state store " .. newer .. " cannot be used: ESCHEMA: database 'ops.deploy' schema is at "
+        .. "version 99 but only 2 migrations are known; this database was written by a newer opsrun", r.stderr, 1, true)
     end
     local none = opsrun({"runs", "show", "987654"})
     assert.are.equal(1, none.code)

@@ -30,6 +30,12 @@ local MIGRATIONS = {
     run_id INTEGER, started REAL NOT NULL
   );
   ]],
+  -- 2: a run's working folder, removed by history.reap once its process is gone; the runs
+  -- still marked running, found without reading the others
+  [[
+  ALTER TABLE runs ADD COLUMN workdir TEXT;
+  CREATE INDEX runs_running ON runs (host) WHERE status = 'running';
+  ]],
 }
 
 --- history.default_path() -> $OPSRUN_STORE, or $XDG_STATE_HOME/opsrun/opsrun.db, or
@@ -55,18 +61,26 @@ function history.open(path, opts)
   if not db then
     failure.raise("cannot open the state store " .. path .. ": " .. oerr .. " (set OPSRUN_STORE or --store)")
   end
-  local mok, merr = pcall(db.migrate, db, MIGRATIONS, {component = "ops.deploy"})
-  if not mok then failure.raise("the state store " .. path .. " cannot be used: " .. tostring(merr)) end
+  -- migrate raises on misuse and returns nil, message for a store it cannot bring up to date
+  -- (one a newer opsrun wrote)
+  local mok, applied, merr = pcall(db.migrate, db, MIGRATIONS, {component = "ops.deploy"})
+  if not mok or applied == nil then
+    db:close()
+    failure.raise("the state store " .. path .. " cannot be used: " .. tostring(mok and merr or applied))
+  end
   return db, path
 end
 
 local function now() return require("ops.time").now() end
 
+--- history.start_run(db, fields) -> run id; fields: repo, revision, envs, args, trigger,
+--- delivery, workdir (the run's working folder, removed by history.reap if the run dies)
 function history.start_run(db, fields)
   local _, id = assert(db:exec(
-    "INSERT INTO runs (started, status, repo, revision, envs, args, trigger, delivery, pid, host) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
+    "INSERT INTO runs (started, status, repo, revision, envs, args, trigger, delivery, pid, host, workdir) "
+      .. "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     now(), fields.repo, fields.revision, fields.envs, fields.args, fields.trigger or "cli", fields.delivery,
-    sys.pid(), sys.hostname()))
+    sys.pid(), sys.hostname(), fields.workdir))
   return id
 end
 
@@ -86,6 +100,36 @@ end
 local function alive(pid)
   local ok, _, code = sys.kill(pid, "0")
   return ok or code == "EPERM"
+end
+
+--- history.reap(db) -> the runs of this host still marked running whose process is gone
+--- (killed with SIGKILL, out of memory, the machine stopped): each is marked interrupted
+--- (with no end time: when it ended is not known), its running steps interrupted and its
+--- pending ones not-run, and its working folder (a $TMPDIR/opsrun-run-* folder of this
+--- user: copies of the repo, decoded secrets) removed. Returns {{id, pid, workdir}, ...}.
+function history.reap(db)
+  local me, host = sys.pid(), sys.hostname()
+  local dead = {}
+  for _, r in ipairs(db:query("SELECT id, pid, workdir FROM runs WHERE status = 'running' AND host = ?", host)) do
+    if r.pid ~= me and not alive(r.pid) then dead[#dead + 1] = r end
+  end
+  if #dead == 0 then return dead end
+  db:transaction(function()
+    for _, r in ipairs(dead) do
+      db:exec("UPDATE runs SET status = 'interrupted', error = ? WHERE id = ? AND status = 'running'",
+        string.format("its process (%d) ended without finishing the run: killed, or the machine stopped", r.pid),
+        r.id)
+      db:exec("UPDATE steps SET status = 'interrupted' WHERE run_id = ? AND status = 'running'", r.id)
+      db:exec("UPDATE steps SET status = 'not-run' WHERE run_id = ? AND status = 'pending'", r.id)
+    end
+  end)
+  local uid = sys.uid()
+  for _, r in ipairs(dead) do
+    local w = r.workdir
+    local st = type(w) == "string" and fs.basename(w):match("^opsrun%-run%-") and fs.lstat(w)
+    if st and st.type == "directory" and st.uid == uid then fs.remove(w, {recursive = true}) end
+  end
+  return dead
 end
 
 -- The locks this process holds, name -> run id: one process may run several deploys at once

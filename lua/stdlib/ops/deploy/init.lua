@@ -432,9 +432,16 @@ function deploy.run(opts)
       -- seconds (a step's row lags it by that much at most); a power cut may lose its last
       -- lines (synchronous=NORMAL): the deploy itself must not wait on fsync per step
       db = history.open(opts.store, {synchronous = "normal"})
+      -- runs a killed opsrun left marked running: marked interrupted, their folders removed
+      local rok, reaped = pcall(history.reap, db)
+      for _, r in ipairs(rok and reaped or {}) do
+        log.warn(string.format("run %d was left running by process %d, which is gone: recorded as interrupted", r.id, r.pid))
+      end
+      if not rok then log.warn("the runs left by processes that are gone were not looked at: " .. failure.message(reaped)) end
       run.run_id = history.start_run(db, {
         repo = real, revision = git_revision(real), envs = table.concat(env_names, ","),
         args = opts.args and log.redact(opts.args), trigger = opts.trigger, delivery = opts.delivery,
+        workdir = workdir.path,
       })
       -- A step's record is written by a task of its own, in one transaction for all the
       -- steps that changed meanwhile, RECORD_DELAY seconds after the first of them: a step
