@@ -89,6 +89,10 @@ end
 function M:workspace(step)
   local ws = step.config.options.workspace
   if not ws or ws == "" then return end
+  if ws:sub(1, 1) == "-" then -- an argument, not an option: terraform would take it for one
+    step:fail(string.format("options.workspace %q starts with '-', which terraform would read as an option (%s)",
+      ws, step.config_file))
+  end
   local r = step:run({"terraform", "workspace", "select", ws})
   if r.ok then return end
   step:check({"terraform", "workspace", "new", ws})

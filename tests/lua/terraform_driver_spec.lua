@@ -158,6 +158,13 @@ describe("terraform driver: workspace", function()
       step.commands)
   end)
 
+  it("refuses a workspace that terraform would read as an option, before selecting it", function()
+    local step = step_with{options = {workspace = "-delete"}}
+    assert.are.equal([[options.workspace "-delete" starts with '-', which terraform would read as an option ]]
+      .. "(test/terraform/bitops.config.yaml)", failure(step))
+    assert.are.same({INIT}, step.commands)
+  end)
+
   it("runs no workspace command without options.workspace, or with an empty one", function()
     for _, ws in ipairs({false, ""}) do
       local step = step_with{options = {workspace = ws or nil}}
