@@ -1048,6 +1048,28 @@ describe("SIGTERM during a deploy", function()
   end)
 end)
 
+describe("a step's log tail", function()
+  it("keeps the start of a very long line, masked, cut between whole characters", function()
+    local repo = make_repo(base .. "/long-line", {
+      ["big/bitops.config.yaml"] = "bitops:\n  logging:\n    masks:\n      - search: \"tok-[0-9]+\"\n",
+      ["big/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+      -- "tok-1234 " masked to "*** ", 2043 x, then a 2-byte character across byte 2048
+      ["big/ansible/bitops.before-deploy.d/01-long.sh"] = [[
+printf 'tok-1234 '; printf '%2043s' '' | tr ' ' x; printf '\303\251'
+head -c 100000 /dev/zero | tr '\0' y; echo; echo "tok-99 last"; exit 3
+]],
+    })
+    local r = deploy(repo, {"--env", "big"})
+    assert.are.equal(1, r.code)
+    local id = last_run_id(r.stdout)
+    local tail = sqlite("SELECT log_tail FROM steps WHERE run_id = " .. id .. " AND id = 'big/ansible'")
+    local first = "*** " .. string.rep("x", 2043) .. " … (100002 more bytes)"
+    assert.are.equal(first .. "\n*** last", tail:match("(%*%*%* x.-\n%*%*%* last)"))
+    assert.not_matches("tok%-", tail)
+    assert.is_true(#tail < 3000, #tail .. " bytes")
+  end)
+end)
+
 describe("a deploy killed with SIGKILL", function()
   it("is recorded as interrupted by the next command, and its working folder is removed", function()
     local pids = base .. "/sleep-pids-kill"

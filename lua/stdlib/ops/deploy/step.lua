@@ -8,6 +8,7 @@ local Step = {}
 Step.__index = Step
 
 local TAIL_LINES = 60
+local TAIL_LINE_BYTES = 2048 -- of each line kept in the tail (the log gets the whole line)
 
 --- Step.new(fields) -> step ; fields: id, env, tool, folder, dir, env_dir, repo, workdir,
 --- dry_run, vars, outputs, exports (run-wide variables), private_dir, timeout, out (dry-run writer)
@@ -37,7 +38,13 @@ end
 
 function Step:remember(line)
   local t = self.tail
-  t[#t + 1] = log.redact(line)
+  line = log.redact(line) -- before the cut: a secret cut in two would match no mask
+  if #line > TAIL_LINE_BYTES then -- a minified JSON or a base64 blob: the store keeps its start
+    local cut = TAIL_LINE_BYTES
+    while cut > 0 and line:byte(cut + 1) >= 0x80 and line:byte(cut + 1) < 0xC0 do cut = cut - 1 end -- whole UTF-8 characters
+    line = string.format("%s … (%d more bytes)", line:sub(1, cut), #line - cut)
+  end
+  t[#t + 1] = line
   if #t > TAIL_LINES then table.remove(t, 1) end
 end
 
