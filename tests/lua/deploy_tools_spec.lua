@@ -293,6 +293,61 @@ terraform:
   end)
 end)
 
+describe("opsrun deploy: what the environment reaches outside its folder, as in BitOps", function()
+  if not HAS_TERRAFORM then pending("skipped: terraform not found") return end
+
+  setup(function()
+    -- a module beside the environments, reached by a relative path; its apply writes into
+    -- its own folder (as an archive_file or a local-exec may)
+    write("repo/modules/greet/main.tf", [[
+resource "terraform_data" "hello" {
+  input = "hello from the module"
+  provisioner "local-exec" {
+    command = "echo written > ${path.module}/written-by-apply.txt"
+  }
+}
+]])
+    write("repo/top.txt", "a file at the top of the repo\n")
+    write("repo/modular/terraform/main.tf", [[
+terraform {
+  backend "local" {}
+}
+module "greet" {
+  source = "../../modules/greet"
+}
+]])
+    write("repo/modular/terraform/bitops.config.yaml",
+      "terraform:\n  cli:\n    backend-config:\n      - path=ROOT/state/modular.tfstate\n  options:\n    stack-action: apply\n")
+    write("repo/modular/terraform/bitops.before-deploy.d/01-look.sh",
+      'ls "$OPSRUN_WORKDIR" > ROOT/out/modular-workdir.txt\ncat ../../top.txt > ROOT/out/modular-top.txt\n'
+      .. 'ls ../../modules/greet > ROOT/out/modular-module.txt\n')
+    assert(ops.fs.mkdir_p(path("out")))
+  end)
+
+  it("has the repo's other folders and files in its working copy, but not the other environments", function()
+    local r = deploy("modular")
+    succeeded(r)
+    assert.are.same({"module.greet.terraform_data.hello"}, (function()
+      local names = {}
+      for _, res in ipairs(state("state/modular.tfstate").resources) do
+        names[#names + 1] = res.module .. "." .. res.type .. "." .. res.name
+      end
+      return names
+    end)())
+    -- prod, cfg, ws, full: environments of their own (a tool folder), left out
+    assert.are.equal("modular\nmodules\ntop.txt\n", helpers.read(path("out/modular-workdir.txt")))
+    assert.are.equal("a file at the top of the repo\n", helpers.read(path("out/modular-top.txt")))
+    -- what the module wrote went into the working copy, not the repo
+    assert.is_false(ops.fs.exists(path("repo/modules/greet/written-by-apply.txt")))
+    -- and it is not kept for the next run either: that one starts from the repo's files
+    assert.are.equal("main.tf\n", helpers.read(path("out/modular-module.txt")))
+    r = deploy("modular")
+    succeeded(r)
+    assert.are.equal("modular\nmodules\ntop.txt\n", helpers.read(path("out/modular-workdir.txt")))
+    assert.are.equal("main.tf\n", helpers.read(path("out/modular-module.txt")))
+  end)
+end)
+
 describe("opsrun deploy: ansible", function()
   if not HAS_ANSIBLE then pending("skipped: ansible-playbook not found") return end
 

@@ -382,8 +382,19 @@ function deploy.run(opts)
     -- the working copies are made in the order the steps need them, while the steps of
     -- environments already copied run; a step waits for its own
     local copy_order, queued, copy_waiters = {}, {}, {}
+    for _, st in ipairs(steps) do queued[st.env] = true end
+    -- first what every step may reach by a relative path (repo.shared_entries), then the
+    -- environments in the order the steps need them
+    local shared, shared_dirs = repo.shared_entries(real, queued), {}
+    for _, name in ipairs(shared) do
+      copy_order[#copy_order + 1] = name
+      if fs.type(fs.join(real, name), {follow = false}) == "directory" then shared_dirs[#shared_dirs + 1] = name end
+    end
+    local is_shared = {}
+    for _, name in ipairs(shared) do is_shared[name] = true end
+    local copying_env = {}
     for _, st in ipairs(steps) do
-      if not queued[st.env] then queued[st.env] = true; copy_order[#copy_order + 1] = st.env end
+      if not copying_env[st.env] then copying_env[st.env] = true; copy_order[#copy_order + 1] = st.env end
     end
     -- (with several jobs, a few copies at once: steps of several environments start together)
     -- (kept between runs unless OPSRUN_KEEP_COPIES=0: repo.kept_copies)
@@ -395,7 +406,12 @@ function deploy.run(opts)
         while next_copy <= #copy_order do
           local e = copy_order[next_copy]
           next_copy = next_copy + 1
-          local cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e], kept)
+          local cok, cerr
+          if is_shared[e] then
+            cok, cerr = pcall(repo.shared_copy, real, e, workdir.path, kept)
+          else
+            cok, cerr = pcall(repo.working_copy, real, e, workdir.path, tools[e], kept)
+          end
           run.copies[e] = cok and {ok = true} or {err = cerr}
           for _, t in ipairs(copy_waiters[e] or {}) do sched.wake(t) end
           copy_waiters[e] = nil
@@ -405,13 +421,17 @@ function deploy.run(opts)
     local copying <close> = setmetatable({}, {__close = function()
       for _, c in ipairs(copiers) do c:cancel() end
     end})
-    function run.await_copy(e)
+    local function await(e)
       while not run.copies[e] do
         copy_waiters[e] = copy_waiters[e] or {}
         table.insert(copy_waiters[e], sched.current())
         sched.suspend()
       end
       if run.copies[e].err then error(run.copies[e].err, 0) end
+    end
+    function run.await_copy(e)
+      for _, name in ipairs(shared) do await(name) end
+      await(e)
     end
 
     -- the store: history and locks (a dry run touches neither)
@@ -552,12 +572,19 @@ function deploy.run(opts)
     local running, stop = 0, false
     -- An environment whose steps have all ended gives its copy back at once (while the
     -- other environments' steps run), not at the end of the run: repo.keep_copy
-    local open_steps, keepers = {}, {}
+    local open_steps, keepers, open_all = {}, {}, #steps
     for _, st in ipairs(steps) do open_steps[st.env] = (open_steps[st.env] or 0) + 1 end
+    local function keep(name)
+      if kept and not run.interrupted and run.copies[name] and run.copies[name].ok then
+        keepers[#keepers + 1] = sched.spawn(repo.keep_copy, real, name, workdir.path, kept)
+      end
+    end
     local function ended(st)
       open_steps[st.env] = open_steps[st.env] - 1
-      if open_steps[st.env] == 0 and kept and not run.interrupted and run.copies[st.env] and run.copies[st.env].ok then
-        keepers[#keepers + 1] = sched.spawn(repo.keep_copy, real, st.env, workdir.path, kept)
+      if open_steps[st.env] == 0 then keep(st.env) end
+      open_all = open_all - 1
+      if open_all == 0 then -- the shared folders, once no step may use them
+        for _, name in ipairs(shared_dirs) do keep(name) end
       end
     end
     local order = deploy.start_order(steps, run.jobs)

@@ -232,21 +232,76 @@ function repo.kept_copies(key)
 end
 repo.KEPT_DAYS = 7
 
+-- A top-level folder that is an environment of its own: its settings, or a tool folder.
+local function looks_like_environment(root, name)
+  if fs.type(fs.join(root, name, "bitops.config.yaml")) == "file" then return true end
+  for _, tool in ipairs(repo.DEFAULT_ORDER) do
+    if is_dir(fs.join(root, name, tool)) then return true end
+  end
+  return false
+end
+
+--- repo.shared_entries(root, deployed) -> the names at the repo's top level that a run's
+--- working copy holds besides the environments it deploys (deployed: name -> true). BitOps
+--- copies the whole repo, so a tool may reach these by a relative path (a terraform module's
+--- `source = "../../modules/vpc"`, a playbook's `../../scripts/`): every entry but the
+--- hidden ones (.git, .opsrun), the environments deployed (copied with _default merged) and
+--- folders that are another environment (repo.environments lists every folder; these have
+--- a bitops.config.yaml or a tool folder). _default is one, as it is in the repo.
+function repo.shared_entries(root, deployed)
+  local names, err = fs.list(root)
+  if not names then failure.raise("cannot read the operations repo: " .. err) end
+  local out = {}
+  for _, name in ipairs(names) do
+    if name:sub(1, 1) ~= "." and not deployed[name] then
+      local t = fs.type(fs.join(root, name), {follow = false})
+      if t == "file" or t == "link"
+          or (t == "directory" and (name == repo.DEFAULT_DIR or not looks_like_environment(root, name))) then
+        out[#out + 1] = name
+      end
+    end
+  end
+  return out
+end
+
+-- Brings workdir/name in line with root/name (a folder: the kept copy reused, as for an
+-- environment; a file or a symlink: copied, the link's target text verbatim).
+local function copy_in(root, name, workdir, kept, what)
+  local dst, src = fs.join(workdir, name), fs.join(root, name)
+  local t = fs.type(src, {follow = false})
+  if t == "file" then
+    local ok, err = fs.copy(src, dst)
+    if not ok then failure.raise("cannot copy " .. name .. ": " .. err) end
+    return dst
+  elseif t == "link" then
+    local target, err = fs.readlink(src)
+    local ok = target and fs.symlink(target, dst)
+    if not ok then failure.raise("cannot copy the symlink " .. name .. ": " .. tostring(err)) end
+    return dst
+  end
+  local reused = kept and fs.rename(fs.join(kept, name), dst)
+  local done, err = fs.sync_tree(src, dst)
+  if not done and reused then -- a kept copy that cannot be brought in line: start afresh
+    fs.remove(dst, {recursive = true})
+    done, err = fs.sync_tree(src, dst)
+  end
+  if not done then failure.raise("cannot copy " .. (what or "") .. "'" .. name .. "': " .. err) end
+  return dst
+end
+
+--- repo.shared_copy(root, name, workdir [, kept]) : one of repo.shared_entries into the
+--- working copy, as it is in the repo (nothing merged); given back with repo.keep_copy
+function repo.shared_copy(root, name, workdir, kept)
+  return copy_in(root, name, workdir, kept)
+end
+
 --- repo.working_copy(root, env, workdir, tools [, kept]) -> path of the environment's copy,
 --- with _default/<folder>/ merged into each <folder>/ the environment has (repo.merge_default)
 --- and _default/bitops.config.yaml under the environment's. tools: folder -> the tool
 --- deploying it, where they differ (a bitops.deployments plugin:). kept: repo.kept_copies'
 --- folder, whose copy of env (if any, and if no other run holds it) is reused.
 function repo.working_copy(root, env, workdir, tools, kept)
-  local dst = fs.join(workdir, env)
-  local src = fs.join(root, env)
-  local reused = kept and fs.rename(fs.join(kept, env), dst)
-  local done, err = fs.sync_tree(src, dst)
-  if not done and reused then -- a kept copy that cannot be brought in line: start afresh
-    fs.remove(dst, {recursive = true})
-    done, err = fs.sync_tree(src, dst)
-  end
-  if not done then failure.raise("cannot copy environment '" .. env .. "': " .. err) end
+  local dst = copy_in(root, env, workdir, kept, "environment ")
   local default = fs.join(root, repo.DEFAULT_DIR)
   if is_dir(default) then
     for _, name in ipairs(assert(fs.list(default))) do
