@@ -797,6 +797,12 @@ static int l_spawn(lua_State *L) {
         } else if (vt == LUA_TSTRING) {
           v->value = lua_tolstring(L, -1, &v->value_len);
         }
+        /* NAME=value in one string: a name with '=' would set another variable, a NUL would
+         * end it early (the child would see a cut name or value, and say nothing) */
+        if (v->name_len == 0 || memchr(v->name, '=', v->name_len) || memchr(v->name, '\0', v->name_len))
+          return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env: '%s' is not a variable name (empty, or with '=' or a NUL byte)", v->name));
+        if (v->value && memchr(v->value, '\0', v->value_len))
+          return luaL_argerror(L, 2, lua_pushfstring(L, "opts.env.%s contains a NUL byte", v->name));
         if (v->value) bytes += v->name_len + v->value_len + 2;
         lua_pop(L, 1);
       }

@@ -40,6 +40,7 @@ local function env_line(line)
   body = body:gsub("^export%s+", "")
   local key, rest = body:match("^([%a_][%w_]*)=(.*)$")
   if not key then return false, "expected KEY=VALUE" end
+  if rest:find("\0", 1, true) then return false, "the value holds a NUL byte, which no variable can carry" end
   local value
   local quote = rest:sub(1, 1)
   if quote == '"' then

@@ -147,7 +147,13 @@ function M:outputs(step)
       if type(value) ~= "string" then step:secret(text) end
     end
     step.outputs.terraform[name] = value
-    step:export("TF_OUTPUT_" .. name:upper():gsub("[^%w]", "_"), text)
+    local var = "TF_OUTPUT_" .. name:upper():gsub("[^%w]", "_")
+    if text:find("\0", 1, true) then -- kept for Lua (step.outputs), but no variable can carry it
+      step.log.warn(string.format("output %s holds a NUL byte: %s is not set (Lua hooks and overrides "
+        .. "have it as step.outputs.terraform[%q])", name, var, name))
+    else
+      step:export(var, text)
+    end
   end
 end
 

@@ -261,6 +261,7 @@ describe("ansible driver: extra_env", function()
       {'A="open\n', 1, "the double quote is not closed", 'A="open'},
       {"\nA='open\n", 2, "the single quote is not closed", "A='open"},
       {"KEY = value\n", 1, "expected KEY=VALUE", "KEY = value"},
+      {"A=1\nB=x\0y\n", 2, "the value holds a NUL byte, which no variable can carry", "B=x\0y"},
     }) do
       helpers.write(dir .. "/extra_env", case[1])
       local step = step_with()

@@ -170,6 +170,23 @@ describe("ops.proc.run", function()
     assert.are.equal("ONLY=1\n", r.stdout)
   end)
 
+  it("refuses a variable a child would not get as written: an empty name, '=' or NUL in a name, NUL in a value", function()
+    local marker = os.tmpname()
+    os.remove(marker)
+    for _, c in ipairs({
+      {{A = "x\0y"}, "opts.env.A contains a NUL byte"},
+      {{["A\0B"] = "x"}, "opts.env: 'A' is not a variable name (empty, or with '=' or a NUL byte)"},
+      {{["PATH=/tmp:"] = "x"}, "opts.env: 'PATH=/tmp:' is not a variable name (empty, or with '=' or a NUL byte)"},
+      {{[""] = "x"}, "opts.env: '' is not a variable name (empty, or with '=' or a NUL byte)"},
+      {{{A = "1"}, {["B=C"] = "2"}}, "opts.env: 'B=C' is not a variable name (empty, or with '=' or a NUL byte)"},
+    }) do
+      local ok, err = pcall(ops.proc.run, {"touch", marker}, {env = c[1]})
+      assert.is_false(ok)
+      assert.matches(c[2], err, 1, true)
+    end
+    assert.is_nil(io.open(marker)) -- nothing ran
+  end)
+
   it("gives a variable the table sets once, with the table's value, among many", function()
     ops.sys.setenv("OPSRUN_SPEC_SAME", "inherited")
     ops.sys.setenv("OPSRUN_SPEC_SAME_LONGER", "inherited too")

@@ -309,6 +309,19 @@ describe("terraform driver: outputs", function()
     assert.are.equal(6, n)
   end)
 
+  it("keeps a string output with a NUL byte for Lua, and sets no variable for it, saying so", function()
+    local step = applied(json.encode({odd = {sensitive = false, type = "string", value = "a\0b"},
+                                      fine = {sensitive = false, type = "string", value = "ok"}}))
+    assert.are.equal("a\0b", step.outputs.terraform.odd)
+    assert.are.same({TF_OUTPUT_FINE = "ok"}, step.exports)
+    assert.are.same({'warn: output odd holds a NUL byte: TF_OUTPUT_ODD is not set (Lua hooks and overrides have it '
+      .. 'as step.outputs.terraform["odd"])'}, (function()
+        local w = {}
+        for _, l in ipairs(step.log.lines) do if l:match("^warn:") then w[#w + 1] = l end end
+        return w
+      end)())
+  end)
+
   it("registers every string of a sensitive output as a secret, and nothing else", function()
     local step = applied(OUTPUTS)
     table.sort(step.secrets)
