@@ -170,9 +170,13 @@ static int l_getenv(lua_State *L) {
 
 /* sys.setenv(name, value | nil) : nil unsets */
 static int l_setenv(lua_State *L) {
-  const char *name = luaL_checkstring(L, 1);
-  if (*name == '\0' || strchr(name, '=')) return luaL_argerror(L, 1, "not a valid variable name");
-  int rc = lua_isnoneornil(L, 2) ? unsetenv(name) : setenv(name, luaL_checkstring(L, 2), 1);
+  size_t name_len, value_len = 0;
+  const char *name = luaL_checklstring(L, 1, &name_len);
+  if (*name == '\0' || strchr(name, '=') || strlen(name) != name_len)
+    return luaL_argerror(L, 1, "not a valid variable name");
+  const char *value = lua_isnoneornil(L, 2) ? NULL : luaL_checklstring(L, 2, &value_len);
+  if (value && strlen(value) != value_len) return luaL_argerror(L, 2, "contains a NUL byte"); /* it would be cut */
+  int rc = value ? setenv(name, value, 1) : unsetenv(name);
   if (rc != 0) return luaL_error(L, "setenv %s: %s", name, strerror(errno));
   return 0;
 }

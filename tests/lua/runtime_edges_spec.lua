@@ -56,6 +56,26 @@ describe("review: cancellation", function()
   end)
 end)
 
+describe("review: the environment", function()
+  it("sys.setenv refuses what setenv(3) would cut or misread, and changes nothing", function()
+    local sys = require "ops.sys"
+    sys.setenv("OPSRUN_SPEC_ENV", "before")
+    for _, c in ipairs({
+      {"OPSRUN_SPEC_ENV", "a\0b", "bad argument #2 to 'setenv' (contains a NUL byte)"},
+      {"OPSRUN_SPEC_ENV\0X", "x", "bad argument #1 to 'setenv' (not a valid variable name)"},
+      {"OPSRUN_SPEC_ENV=X", "x", "bad argument #1 to 'setenv' (not a valid variable name)"},
+      {"", "x", "bad argument #1 to 'setenv' (not a valid variable name)"},
+    }) do
+      local ok, err = pcall(sys.setenv, c[1], c[2])
+      assert.is_false(ok)
+      assert.matches(c[3], err, 1, true)
+    end
+    assert.are.equal("before", sys.getenv("OPSRUN_SPEC_ENV"))
+    sys.setenv("OPSRUN_SPEC_ENV", nil)
+    assert.is_nil(sys.getenv("OPSRUN_SPEC_ENV"))
+  end)
+end)
+
 describe("review: processes", function()
   it("takes math.huge as no deadline", function()
     local r = assert(ops.proc.run({"sleep", "0.2"}, {timeout = math.huge}))
