@@ -123,6 +123,24 @@ static const char *check_path(lua_State *L, int idx)
 	return check_path_len(L, idx, &len);
 }
 
+const char *ops_checkpath(lua_State *L, int arg)
+{
+	return check_path(L, arg);
+}
+
+const char *ops_path_field(lua_State *L, int idx, const char *what)
+{
+	size_t len;
+	const char *p;
+
+	if (lua_type(L, idx) != LUA_TSTRING)
+		luaL_error(L, "%s must be a path (a string), not %s", what, luaL_typename(L, idx));
+	p = lua_tolstring(L, idx, &len);
+	if (strlen(p) != len)
+		luaL_error(L, "%s contains a NUL byte", what);
+	return p;
+}
+
 /* A mode is an integer (493) or a string of octal digits ("0755", "755"). */
 static int check_mode(lua_State *L, int idx)
 {

@@ -51,6 +51,12 @@ struct ops_wait {
   ops_task *task; /* set by ops_wait_begin, cleared when the wait ends */
 };
 
+/* A path for the system: a Lua string without NUL bytes (a C string ends at the first, so
+ * "a\0b" would name "a"). ops_checkpath: argument arg, as fs's functions check theirs;
+ * ops_path_field: the value at idx, what naming it in the error ("opts.cwd"). */
+const char *ops_checkpath(lua_State *L, int arg);
+const char *ops_path_field(lua_State *L, int idx, const char *what);
+
 void ops_check_task(lua_State *L, const char *what);
 int ops_wait_begin(lua_State *L, ops_wait *w, double timeout);
 lua_State *ops_wait_thread(ops_wait *w);

@@ -618,8 +618,10 @@ static int stream_mode(lua_State *L, int opts, const char *key, int *cb_idx, con
   }
   if (t == LUA_TTABLE) {
     lua_getfield(L, -1, "path");
-    *path = lua_tostring(L, -1); /* anchored by the options table */
-    if (*path == NULL) luaL_error(L, "opts.%s: a file target needs a 'path' string", key);
+    if (lua_isnil(L, -1)) luaL_error(L, "opts.%s: a file target needs a 'path' string", key);
+    const char *what = lua_pushfstring(L, "opts.%s.path", key);
+    *path = ops_path_field(L, -2, what); /* anchored by the options table */
+    lua_pop(L, 1); /* what */
     lua_getfield(L, -2, "append");
     *append = lua_toboolean(L, -1);
     lua_pop(L, 3);
@@ -899,7 +901,7 @@ static int l_spawn(lua_State *L) {
   lua_pop(L, 1);
 
   lua_getfield(L, 2, "cwd");
-  const char *cwd = lua_tostring(L, -1);
+  const char *cwd = lua_isnil(L, -1) ? NULL : ops_path_field(L, -1, "opts.cwd");
   lua_pop(L, 1); /* the options table anchors it; the child's chdir checks it */
 
   int out_cb, err_cb, out_append, err_append, out_fd = -1, err_fd = -1;
@@ -918,7 +920,8 @@ static int l_spawn(lua_State *L) {
     return luaL_argerror(L, 2, "opts.stdin: a string under 4 GiB (give a bigger input as {path = ...})");
   if (stdin_type == LUA_TTABLE) {
     lua_getfield(L, -1, "path");
-    if (!lua_isstring(L, -1)) return luaL_argerror(L, 2, "opts.stdin: a file source needs a 'path' string");
+    if (lua_isnil(L, -1)) return luaL_argerror(L, 2, "opts.stdin: a file source needs a 'path' string");
+    ops_path_field(L, -1, "opts.stdin.path"); /* here: below, an error would leak the proc */
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
@@ -961,7 +964,7 @@ static int l_spawn(lua_State *L) {
     p->in_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (t == LUA_TTABLE) {
     lua_getfield(L, -1, "path");
-    const char *path = lua_tostring(L, -1);
+    const char *path = lua_tostring(L, -1); /* a string without NUL: checked above */
     in_fd = open(path, O_RDONLY | O_CLOEXEC);
     if (in_fd < 0) {
       int e = errno;

@@ -382,7 +382,7 @@ static int wal_count_hook(void *arg, sqlite3 *db, const char *name, int frames)
 /* store.open(path [, opts]) -> db | nil, err, code */
 static int store_open(lua_State *L)
 {
-	const char *path = luaL_checkstring(L, 1);
+	const char *path = ops_checkpath(L, 1);
 	int autocheckpoint = 1;
 	lua_Integer busy_ms = DEFAULT_BUSY_TIMEOUT_MS;
 	const char *sync_pragma = "PRAGMA synchronous=FULL";

@@ -19,6 +19,8 @@
 #include <lua.h>
 #include <yaml.h>
 
+#include "opsrun.h"
+
 #define MAX_DEPTH 512
 /* Nodes that aliases may add to a stream; the billion-laughs document needs 10^9. */
 #define MAX_ALIAS_NODES 1000000ULL
@@ -748,7 +750,7 @@ static int l_key_order(lua_State *L) {
 
 /* yaml.load_file(path) -> value | nil, err, code */
 static int l_load_file(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = ops_checkpath(L, 1);
   load_state *st;
   luaL_Buffer b;
   size_t got;

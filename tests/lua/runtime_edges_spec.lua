@@ -76,6 +76,28 @@ describe("review: the environment", function()
   end)
 end)
 
+describe("review: paths with a NUL byte", function()
+  it("are refused, not cut at the NUL (which would name another file)", function()
+    local cases = {
+      {function() return ops.yaml.load_file("/etc/hostname\0.yaml") end, "bad argument #1 to 'load_file' (path contains a NUL byte)"},
+      {function() return require("ops.store").open("/tmp/opsrun-spec.db\0x") end, "bad argument #1 to 'open' (path contains a NUL byte)"},
+      {function() return ops.proc.run({"pwd"}, {cwd = "/tmp\0/etc"}) end, "opts.cwd contains a NUL byte"},
+      {function() return ops.proc.run({"pwd"}, {cwd = 5}) end, "opts.cwd must be a path (a string), not number"},
+      {function() return ops.proc.run({"true"}, {stdout = {path = "/tmp/opsrun-spec-out\0x"}}) end,
+        "opts.stdout.path contains a NUL byte"},
+      {function() return ops.proc.run({"true"}, {stderr = {path = 7}}) end, "opts.stderr.path must be a path (a string), not number"},
+      {function() return ops.proc.run({"cat"}, {stdin = {path = "/etc/hostname\0x"}}) end, "opts.stdin.path contains a NUL byte"},
+    }
+    for i, c in ipairs(cases) do
+      local ok, err = pcall(c[1])
+      assert.is_false(ok, "case " .. i)
+      assert.matches(c[2], err, 1, true)
+    end
+    assert.is_nil(io.open("/tmp/opsrun-spec.db"))
+    assert.is_nil(io.open("/tmp/opsrun-spec-out"))
+  end)
+end)
+
 describe("review: processes", function()
   it("takes math.huge as no deadline", function()
     local r = assert(ops.proc.run({"sleep", "0.2"}, {timeout = math.huge}))
