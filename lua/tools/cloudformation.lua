@@ -284,12 +284,17 @@ local function stack_args(stack, subcommand)
   return with_region(stack, argv)
 end
 
+-- Logs what became of the stack: not in a dry run, where nothing did.
+local function done(step, stack, what)
+  if not step.dry_run then step.log.info(string.format("stack '%s' %s", stack.name, what)) end
+end
+
 --- M:create(step, stack): create-stack, then wait stack-create-complete
 function M:create(step, stack)
   local r = step:run(stack_args(stack, "create-stack"), {env = aws_env()})
   if not r.ok then fail_command(step, stack, "create-stack", r) end
   self:wait(step, stack, "stack-create-complete")
-  step.log.info(string.format("stack '%s' created", stack.name))
+  done(step, stack, "created")
 end
 
 --- M:update(step, stack) -> changed: update-stack, then wait stack-update-complete.
@@ -304,7 +309,7 @@ function M:update(step, stack)
     fail_command(step, stack, "update-stack", r)
   end
   self:wait(step, stack, "stack-update-complete")
-  step.log.info(string.format("stack '%s' updated", stack.name))
+  done(step, stack, "updated")
   return true
 end
 
@@ -314,7 +319,7 @@ function M:delete(step, stack)
     {env = aws_env()})
   if not r.ok then fail_command(step, stack, "delete-stack", r) end
   self:wait(step, stack, "stack-delete-complete")
-  step.log.info(string.format("stack '%s' deleted", stack.name))
+  done(step, stack, "deleted")
 end
 
 --- M:outputs(step, stack) -> {OutputKey = OutputValue}: describe-stacks; each output goes to

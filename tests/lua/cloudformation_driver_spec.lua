@@ -318,6 +318,8 @@ describe("cloudformation deploy", function()
       "aws cloudformation wait stack-create-complete --stack-name web",
       "aws cloudformation describe-stacks --stack-name web --output json",
     }, step.commands)
+    -- and says nothing was created
+    for _, line in ipairs(step.log.lines) do assert.not_matches("created", line) end
   end)
 
   it("runs every aws command with AWS_PAGER empty and in the step's folder", function()
