@@ -61,6 +61,17 @@ describe("ops.log", function()
     assert.are.equal("warn", require("cjson").decode(r.stderr).level)
   end)
 
+  it("writes valid JSON for text that is not UTF-8, each bad byte as U+FFFD (the text format keeps the bytes)", function()
+    local code = [[ops.log.info("bad \255\254 sur \237\160\128 ok \195\169", {step = "dev/x\255"})]]
+    local r = run(code, {OPSRUN_LOG_FORMAT = "json"})
+    assert.are.equal("", r.stdout)
+    local rec = require("cjson").decode(r.stderr)
+    assert.are.equal("bad \u{FFFD}\u{FFFD} sur \u{FFFD}\u{FFFD}\u{FFFD} ok \195\169", rec.msg)
+    assert.are.equal("dev/x\u{FFFD}", rec.step)
+    r = run(code, {OPSRUN_LOG_FORMAT = "text", NO_COLOR = "1"})
+    assert.matches("[dev/x\255] bad \255\254 sur \237\160\128 ok \195\169\n", r.stderr, 1, true)
+  end)
+
   it("drops lines below the level", function()
     local r = run([[ops.log.debug("hidden"); ops.log.info("shown")]])
     assert.is_nil(r.stderr:find("hidden", 1, true))

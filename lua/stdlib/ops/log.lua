@@ -131,6 +131,22 @@ end
 local TAGS = {}
 for name in pairs(LEVELS) do TAGS[name] = string.format("%-5s", name:upper()) end
 
+--- log.valid_utf8(s) -> s with every byte that is not part of a valid UTF-8 character made
+--- U+FFFD (as JSON logs need; the text format passes bytes through)
+function log.valid_utf8(s)
+  local ok, bad = utf8.len(s)
+  if ok then return s end
+  local out, at = {}, 1
+  while bad do
+    out[#out + 1] = s:sub(at, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    at = bad + 1
+    ok, bad = utf8.len(s, at)
+  end
+  out[#out + 1] = s:sub(at)
+  return table.concat(out)
+end
+
 local function emit(level, msg, fields)
   if LEVELS[level] < state.level then return end
   msg = log.redact(msg)
@@ -145,7 +161,13 @@ local function emit(level, msg, fields)
         end
       end
     end
-    line = json.encode(rec) or json.encode({ts = rec.ts, level = level, msg = msg})
+    line = json.encode(rec)
+    if not line then -- a tool's bytes that are not UTF-8 (Latin-1, binary): JSON cannot hold them
+      for k, v in pairs(rec) do
+        if type(v) == "string" then rec[k] = log.valid_utf8(v) end
+      end
+      line = json.encode(rec) or json.encode({ts = rec.ts, level = level, msg = log.valid_utf8(msg)})
+    end
   else
     local prefix, tail = "", ""
     if fields then
