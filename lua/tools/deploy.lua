@@ -69,9 +69,7 @@ function M.main(args, cli)
     elseif a == "--all" then all = true; i = i + 1
     elseif a == "--repo" then
       v, err = value(a); if not v then return err end
-      opts.repo = v
-      -- the repo's .opsrun/ overrides apply to this deploy (drivers load later)
-      if cli and cli.set_repo then cli.set_repo(v) end
+      opts.repo = v -- (its .opsrun/ overrides were set by opsrun.cli before this module loaded)
     elseif a == "--jobs" or a == "-j" then
       v, err = value(a); if not v then return err end
       opts.jobs = math.tointeger(tonumber(v))

@@ -147,6 +147,15 @@ function cli.main(argv)
   local rest = table.pack(table.unpack(argv, i + 1, n))
 
   if commands[first] and not first:find("[./]") then
+    -- `opsrun deploy --repo DIR`: DIR's .opsrun/ overrides apply to the deploy, over those of
+    -- a --repo before the command; set before tools.deploy and the engine load, so that the
+    -- repo may override those too, not only the drivers (which load later)
+    if first == "deploy" then
+      for k = 1, rest.n do
+        local dir = rest[k] == "--repo" and rest[k + 1] or (rest[k] or ""):match("^%-%-repo=(.+)$")
+        if dir then cli.set_repo(dir) end
+      end
+    end
     return commands[first](rest)
   end
   if not first:find("[./]") and not first:match("%.lua$") then
