@@ -381,20 +381,18 @@ function deploy.run(opts)
     end
     -- the working copies are made in the order the steps need them, while the steps of
     -- environments already copied run; a step waits for its own
-    local copy_order, queued, copy_waiters = {}, {}, {}
-    for _, st in ipairs(steps) do queued[st.env] = true end
     -- first what every step may reach by a relative path (repo.shared_entries), then the
     -- environments in the order the steps need them
-    local shared, shared_dirs = repo.shared_entries(real, queued), {}
-    for _, name in ipairs(shared) do
-      copy_order[#copy_order + 1] = name
-      if fs.type(fs.join(real, name), {follow = false}) == "directory" then shared_dirs[#shared_dirs + 1] = name end
-    end
+    local copy_order, to_copy, copy_waiters = {}, {}, {}
+    for _, st in ipairs(steps) do to_copy[st.env] = true end
+    local shared, shared_dirs = repo.shared_entries(real, to_copy)
     local is_shared = {}
-    for _, name in ipairs(shared) do is_shared[name] = true end
-    local copying_env = {}
+    for _, name in ipairs(shared) do
+      is_shared[name] = true
+      copy_order[#copy_order + 1] = name
+    end
     for _, st in ipairs(steps) do
-      if not copying_env[st.env] then copying_env[st.env] = true; copy_order[#copy_order + 1] = st.env end
+      if to_copy[st.env] then to_copy[st.env] = nil; copy_order[#copy_order + 1] = st.env end
     end
     -- (with several jobs, a few copies at once: steps of several environments start together)
     -- (kept between runs unless OPSRUN_KEEP_COPIES=0: repo.kept_copies)
@@ -584,7 +582,9 @@ function deploy.run(opts)
       if open_steps[st.env] == 0 then keep(st.env) end
       open_all = open_all - 1
       if open_all == 0 then -- the shared folders, once no step may use them
-        for _, name in ipairs(shared_dirs) do keep(name) end
+        for _, name in ipairs(shared) do
+          if shared_dirs[name] then keep(name) end
+        end
       end
     end
     local order = deploy.start_order(steps, run.jobs)

@@ -248,20 +248,23 @@ end
 --- hidden ones (.git, .opsrun), the environments deployed (copied with _default merged) and
 --- folders that are another environment (repo.environments lists every folder; these have
 --- a bitops.config.yaml or a tool folder). _default is one, as it is in the repo.
+--- Returns the names, and those of them that are folders (a set).
 function repo.shared_entries(root, deployed)
   local names, err = fs.list(root)
   if not names then failure.raise("cannot read the operations repo: " .. err) end
-  local out = {}
+  local out, dirs = {}, {}
   for _, name in ipairs(names) do
     if name:sub(1, 1) ~= "." and not deployed[name] then
       local t = fs.type(fs.join(root, name), {follow = false})
-      if t == "file" or t == "link"
-          or (t == "directory" and (name == repo.DEFAULT_DIR or not looks_like_environment(root, name))) then
+      if t == "file" or t == "link" then
         out[#out + 1] = name
+      elseif t == "directory" and (name == repo.DEFAULT_DIR or not looks_like_environment(root, name)) then
+        out[#out + 1] = name
+        dirs[name] = true
       end
     end
   end
-  return out
+  return out, dirs
 end
 
 -- Brings workdir/name in line with root/name (a folder: the kept copy reused, as for an
