@@ -469,6 +469,14 @@ assert(ops.fs.write(os.getenv("OUT") .. "/lua-hook", string.format("pid=%d\nid=%
   return site_repo
 end
 
+-- Deploys site's environment env, which must fail with msg in the summary; the result.
+local function site_fails(env, msg)
+  local r = deploy(site(), {"--env", env})
+  assert.are.equal(1, r.code, r.out)
+  assert.matches(msg, r.stdout, 1, true)
+  return r
+end
+
 local function fresh_out(name)
   local out = base .. "/out-" .. name
   assert(fs.mkdir_p(out))
@@ -552,15 +560,11 @@ describe("hooks", function()
   end)
 
   it("name a Lua hook that cannot load or fails by its path in the repo", function()
-    local r = deploy(site(), {"--env", "luabad"})
-    assert.are.equal(1, r.code)
-    assert.matches("luabad/ansible failed: hook bitops.before-deploy.d/01-syntax.lua cannot be loaded: "
-      .. "luabad/ansible/bitops.before-deploy.d/01-syntax.lua:1: unexpected symbol near '='", r.stdout, 1, true)
+    site_fails("luabad", "luabad/ansible failed: hook bitops.before-deploy.d/01-syntax.lua cannot be loaded: "
+      .. "luabad/ansible/bitops.before-deploy.d/01-syntax.lua:1: unexpected symbol near '='")
     -- an error with no message says so (not a table's address)
-    r = deploy(site(), {"--env", "luaraise"})
-    assert.are.equal(1, r.code)
-    assert.matches("luaraise/ansible failed: hook bitops.before-deploy.d/01-raise.lua failed: "
-      .. "it raised a table with no message\n", r.stdout, 1, true)
+    site_fails("luaraise", "luaraise/ansible failed: hook bitops.before-deploy.d/01-raise.lua failed: "
+      .. "it raised a table with no message\n")
   end)
 
   it("refuse a hook that is neither executable nor a .sh, saying how to fix it", function()
@@ -573,21 +577,17 @@ end)
 
 describe("a path in a tool's settings", function()
   it("is named as the repo has it, with its key and file, never by the run's working copy", function()
-    local r = deploy(site(), {"--env", "outside"})
-    assert.are.equal(1, r.code)
-    assert.matches("outside/ansible failed: cli.main-playbook: ../../dev/ansible/playbook.yaml leads outside "
-      .. "outside/ansible (outside/ansible/bitops.config.yaml)", r.stdout, 1, true)
-    r = deploy(site(), {"--env", "cfnmissing"})
-    assert.are.equal(1, r.code)
-    assert.matches("cfnmissing/cloudformation failed: options.cfn-files.template-file names nope.yaml, which does not "
-      .. "exist in cfnmissing/cloudformation (stack 's') (cfnmissing/cloudformation/bitops.config.yaml)", r.stdout, 1, true)
-    assert.not_matches("opsrun%-run%-", r.out)
-    -- any failure's message: what the system said about a file of the copy names it as the repo has it
-    r = deploy(site(), {"--env", "extradir"})
-    assert.are.equal(1, r.code)
-    assert.matches("extradir/ansible failed: cannot read extradir/ansible/extra_env: EISDIR: is a directory: "
-      .. "extradir/ansible/extra_env\n", r.stdout, 1, true)
-    assert.not_matches("opsrun%-run%-", r.out)
+    for env, msg in pairs({
+      outside = "outside/ansible failed: cli.main-playbook: ../../dev/ansible/playbook.yaml leads outside "
+        .. "outside/ansible (outside/ansible/bitops.config.yaml)",
+      cfnmissing = "cfnmissing/cloudformation failed: options.cfn-files.template-file names nope.yaml, which does "
+        .. "not exist in cfnmissing/cloudformation (stack 's') (cfnmissing/cloudformation/bitops.config.yaml)",
+      -- any failure's message: what the system said about a file of the copy names it as the repo has it
+      extradir = "extradir/ansible failed: cannot read extradir/ansible/extra_env: EISDIR: is a directory: "
+        .. "extradir/ansible/extra_env\n",
+    }) do
+      assert.not_matches("opsrun%-run%-", site_fails(env, msg).out)
+    end
   end)
 end)
 
@@ -1011,20 +1011,26 @@ print("released", names())
   end)
 end)
 
+-- `opsrun deploy --env a` of the graph repo, started and left in a/terraform's before-hook,
+-- which sleeps in a child: returns the deploy's handle and the hook's and the sleeper's pids.
+local function sleeping_deploy(pids, env)
+  local e = {OPSRUN_STORE = store, EVENTS = base .. "/events", SLEEP_PIDS = pids, NO_COLOR = "1",
+    BITOPS_ENVIRONMENT = false, ENVIRONMENT = false}
+  for k, v in pairs(env or {}) do e[k] = v end
+  local child = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", graph(), "--env", "a"},
+    {env = e, stdout = "capture", stderr = "capture"}))
+  for _ = 1, 300 do
+    if h.read(pids) and h.read(pids):match("%d+ %d+") then break end
+    ops.sleep(0.05)
+  end
+  local hook, sleeper = (h.read(pids) or ""):match("(%d+) (%d+)")
+  assert.is_truthy(hook, "the hook did not start")
+  return child, hook, sleeper
+end
+
 describe("SIGTERM during a deploy", function()
   it("stops the children, releases the lock, records the run as interrupted and exits 143", function()
-    local pids = base .. "/sleep-pids"
-    local child = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", graph(), "--env", "a"}, {
-      env = {OPSRUN_STORE = store, EVENTS = base .. "/events", SLEEP_PIDS = pids, NO_COLOR = "1",
-        BITOPS_ENVIRONMENT = false, ENVIRONMENT = false},
-      stdout = "capture", stderr = "capture",
-    }))
-    for _ = 1, 300 do
-      if h.read(pids) and h.read(pids):match("%d+ %d+") then break end
-      ops.sleep(0.05)
-    end
-    local hook, sleeper = (h.read(pids) or ""):match("(%d+) (%d+)")
-    assert.is_truthy(hook, "the hook did not start")
+    local child, hook, sleeper = sleeping_deploy(base .. "/sleep-pids")
     assert.is_true(h.alive(tonumber(sleeper)))
     assert(ops.sys.kill(child.pid, "SIGTERM"))
     local r = child:wait()
@@ -1072,18 +1078,7 @@ end)
 
 describe("a deploy killed with SIGKILL", function()
   it("is recorded as interrupted by the next command, and its working folder is removed", function()
-    local pids = base .. "/sleep-pids-kill"
-    local child = assert(ops.proc.spawn({h.opsrun, "deploy", "--repo", graph(), "--env", "a"}, {
-      env = {OPSRUN_STORE = store, EVENTS = base .. "/events", SLEEP_PIDS = pids, NO_COLOR = "1",
-        BITOPS_ENVIRONMENT = false, ENVIRONMENT = false, TMPDIR = base .. "/tmp"},
-      stdout = "capture", stderr = "capture",
-    }))
-    for _ = 1, 300 do
-      if h.read(pids) and h.read(pids):match("%d+ %d+") then break end
-      ops.sleep(0.05)
-    end
-    local hook, sleeper = (h.read(pids) or ""):match("(%d+) (%d+)")
-    assert.is_truthy(hook, "the hook did not start")
+    local child, hook, sleeper = sleeping_deploy(base .. "/sleep-pids-kill", {TMPDIR = base .. "/tmp"})
     local id, workdir = sqlite("SELECT id, workdir FROM runs ORDER BY id DESC LIMIT 1"):match("^(%d+)|(.+)$")
     assert.matches("/opsrun%-run%-", workdir)
     assert.is_true(fs.exists(workdir .. "/a/terraform"))
