@@ -63,6 +63,7 @@ struct proc {
   uint64_t start;
   double duration;
   int cb_error_ref; /* the first error a line callback raised */
+  int linger_ref;   /* opts.on_linger, or LUA_NOREF */
   pid_t pid;
   ops_wait w;
   struct proc_ud *ud;
@@ -73,7 +74,9 @@ typedef struct proc_ud {
   proc *p;
 } proc_ud;
 
-enum { PH_RUN, PH_TERM, PH_KILL };
+/* PH_LINGER: the child exited, its pipes did not close: opts.on_linger is called when the
+ * timer (drain seconds) fires, and the run goes on waiting for them */
+enum { PH_RUN, PH_TERM, PH_KILL, PH_LINGER };
 
 static proc *live;
 static int live_count;
@@ -128,6 +131,7 @@ static void proc_free(proc *p) {
   luaL_unref(L, LUA_REGISTRYINDEX, p->err.cb_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, p->in_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, p->cb_error_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->linger_ref);
   ops_linebuf_free(&p->out.lines);
   ops_linebuf_free(&p->err.lines);
   ops_tailbuf_free(&p->out.tail);
@@ -234,8 +238,15 @@ static void stop_reading(stream *s) {
 
 /* ---- kill sequence: TERM, grace, KILL, drain ---- */
 
+static void call_linger(proc *p);
+
 static void on_timer(uv_timer_t *t) {
   proc *p = t->data;
+  if (p->phase == PH_LINGER) {
+    p->phase = PH_RUN;
+    call_linger(p);
+    return;
+  }
   if (p->phase == PH_RUN) {
     if (!p->killed) p->timed_out = 1; /* the timeout, rather than a kill request */
     p->killed = 1;
@@ -282,6 +293,12 @@ static void child_exited(proc *p, int status) {
     /* the child is gone but something in its group still holds a pipe: no more grace */
     uv_timer_stop(&p->timer);
     on_timer(&p->timer);
+  } else if (!p->killed && p->linger_ref != LUA_NOREF && (p->out.reading || p->err.reading) &&
+             !uv_is_active((uv_handle_t *)&p->timer)) {
+    /* a process the child started still holds a pipe (a `cmd &` in a script): say so if it
+     * still does in drain seconds (with a timeout set, the timeout speaks for it) */
+    p->phase = PH_LINGER;
+    uv_timer_start(&p->timer, on_timer, ms_of(p->drain), 0);
   }
   maybe_done(p);
   release(p); /* the child is reaped */
@@ -551,6 +568,21 @@ static void run_callback(stream *s, const char *data, size_t n) {
   if (lua_pcall(L, 5, 0, -7) != LUA_OK) {
     p->cb_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     start_kill(p); /* nobody can take its output any more */
+  }
+  lua_pop(L, 1);
+}
+
+/* opts.on_linger(pid): the child exited drain seconds ago and its pipes are still open. An
+ * error in it is the run's, as a line callback's is. */
+static void call_linger(proc *p) {
+  if (p->linger_ref == LUA_NOREF || p->cb_error_ref != LUA_NOREF || p->done) return;
+  lua_State *L = ops_main_state();
+  lua_pushcfunction(L, traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->linger_ref);
+  lua_pushinteger(L, p->pid);
+  if (lua_pcall(L, 1, 0, -3) != LUA_OK) {
+    p->cb_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    start_kill(p);
   }
   lua_pop(L, 1);
 }
@@ -925,10 +957,18 @@ static int l_spawn(lua_State *L) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  int linger_type = lua_getfield(L, 2, "on_linger"); /* stays on the stack until it is referenced */
+  if (linger_type != LUA_TNIL && linger_type != LUA_TFUNCTION)
+    return luaL_argerror(L, 2, "opts.on_linger must be a function");
+  int linger_idx = lua_gettop(L);
   /* nothing below raises, but for lack of memory */
   proc *p = calloc(1, sizeof *p);
   if (p == NULL) return luaL_error(L, "out of memory");
-  p->cb_error_ref = p->in_ref = LUA_NOREF;
+  p->cb_error_ref = p->in_ref = p->linger_ref = LUA_NOREF;
+  if (linger_type == LUA_TFUNCTION) {
+    lua_pushvalue(L, linger_idx);
+    p->linger_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   stream_init(p, &p->out, "stdout", limit);
   stream_init(p, &p->err, "stderr", limit);
   p->timeout = timeout;

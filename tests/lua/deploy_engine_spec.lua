@@ -567,6 +567,19 @@ describe("hooks", function()
       .. "it raised a table with no message\n")
   end)
 
+  it("say why the step waits when a hook leaves a process holding its output, and wait for it", function()
+    local root = make_repo(base .. "/lingering", {
+      ["bg/ansible/playbook.yaml"] = PLAYBOOK_NOOP,
+      ["bg/ansible/bitops.before-deploy.d/01-bg.sh"] = 'sleep 3 &\necho "started in the background"\n',
+    })
+    local r = deploy(root, {"--env", "bg"})
+    assert.are.equal(0, r.code, r.out)
+    assert.matches("[bg/ansible] bash bg/ansible/bitops.before-deploy.d/01-bg.sh has exited, but a process it started "
+      .. "still holds its output open: the step waits for that process to end (give it its own output: "
+      .. "`cmd >/dev/null 2>&1 &`)", r.stderr, 1, true)
+    assert.is_true(r.duration >= 3, tostring(r.duration)) -- it waited for the background process
+  end)
+
   it("refuse a hook that is neither executable nor a .sh, saying how to fix it", function()
     local r = deploy(site(), {"--env", "noexec"})
     assert.are.equal(1, r.code)

@@ -187,6 +187,33 @@ describe("ops.proc.run", function()
     assert.is_nil(io.open(marker)) -- nothing ran
   end)
 
+  it("calls on_linger once when the child has exited but what it started still holds its output", function()
+    local calls, lines = {}, {}
+    local t0 = ops.time.monotonic()
+    local r = ops.proc.run({"sh", "-c", "sleep 1 & echo started"}, {drain = 0.3,
+      stdout = function(line) lines[#lines + 1] = line end,
+      on_linger = function(pid) calls[#calls + 1] = {pid = pid, at = ops.time.monotonic() - t0} end})
+    assert.are.equal(0, r.code)
+    assert.are.same({"started"}, lines)          -- every line read: the run waited for the pipe
+    assert.are.equal(1, #calls)
+    assert.are.equal(r.pid, calls[1].pid)
+    assert.is_true(calls[1].at >= 0.3, tostring(calls[1].at)) -- drain seconds after the exit, not before
+    -- not when the output closes with the exit, nor with a timeout (which ends the group)
+    local called = false
+    r = ops.proc.run({"sh", "-c", "echo quick"}, {drain = 0.05, on_linger = function() called = true end})
+    ops.sleep(0.1)
+    r = ops.proc.run({"sh", "-c", "sleep 5 & echo x"}, {timeout = 0.5, drain = 0.1, on_linger = function() called = true end})
+    assert.is_true(r.timed_out)
+    assert.is_false(called)
+    -- an error in it is the run's, and stops the group
+    local ok, err = pcall(ops.proc.run, {"sh", "-c", "sleep 5 & echo y"}, {drain = 0.1, on_linger = function() error("no") end})
+    assert.is_false(ok)
+    assert.matches("no", err, 1, true)
+    ok, err = pcall(ops.proc.run, {"true"}, {on_linger = 5})
+    assert.is_false(ok)
+    assert.matches("opts.on_linger must be a function", err, 1, true)
+  end)
+
   it("gives a variable the table sets once, with the table's value, among many", function()
     ops.sys.setenv("OPSRUN_SPEC_SAME", "inherited")
     ops.sys.setenv("OPSRUN_SPEC_SAME_LONGER", "inherited too")

@@ -98,6 +98,12 @@ function Step:run(argv, opts)
   local res, err, code = proc.run(argv, {
     cwd = cwd, env = env_layers(self, opts.env), stdin = opts.stdin, timeout = opts.timeout or self.timeout,
     stdout = stdout, stderr = function(line) self:output_line(line, "stderr") end,
+    -- it exited, but what it started in the background still holds its output: say why we wait
+    on_linger = function()
+      self.log.warn(string.format("%s has exited, but a process it started still holds its output open: the "
+        .. "step waits for that process to end (give it its own output: `cmd >/dev/null 2>&1 &`)",
+        self:shown(Step.command_line(argv)):sub(1, 200)))
+    end,
   })
   if not res then
     if code == "ENOENT" and err:find("command not found", 1, true) then
