@@ -1148,6 +1148,16 @@ describe("history", function()
   end)
 end)
 
+describe("a TMPDIR that cannot be used", function()
+  it("fails the deploy before anything runs, naming it and the fix", function()
+    local r = deploy(graph(), {"--env", "a"}, {TMPDIR = base .. "/no-such-folder"})
+    assert.are.equal(1, r.code, r.out)
+    assert.matches("cannot make the run's working folder: ENOENT: no such file or directory: " .. base
+      .. "/no-such-folder/opsrun-run-XXXXXX (set TMPDIR to a writable folder)", r.stderr, 1, true)
+    assert.not_matches("traceback", r.out)
+  end)
+end)
+
 describe("opsrun runs, given bad arguments", function()
   it("answers with usage errors that name the argument", function()
     for _, c in ipairs({

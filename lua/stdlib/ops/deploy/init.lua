@@ -368,7 +368,10 @@ function deploy.run(opts)
       return 0, {steps = {}}
     end
 
-    local workdir <close> = fs.tempdir("opsrun-run-")
+    local workdir <close>, werr = fs.tempdir("opsrun-run-")
+    if not workdir then
+      failure.raise("cannot make the run's working folder: " .. werr .. " (set TMPDIR to a writable folder)")
+    end
     local run = {
       repo = real, steps = steps, by_id = by_id, jobs = math.max(1, opts.jobs or 4),
       fail_fast = fail_fast, dry_run = opts.dry_run and true or false, workdir = workdir.path,

@@ -663,7 +663,8 @@ function M.run(job)
     record(a)
   end
 
-  local tmp <close> = assert(fs.tempdir("opsrun-plans-"))
+  local tmp <close>, terr = fs.tempdir("opsrun-plans-")
+  if not tmp then error("cannot make a working folder: " .. terr .. " (set TMPDIR to a writable folder)", 0) end
   local ctx = {job = job, settings = settings, dir = tmp.path, kubeconfigs = {}, count = 0,
                timeout = (job.hook.deploy or {}).timeout or M.COMMAND_TIMEOUT, env = {}}
   -- the programs run get the worker's environment for children (without the webhook

@@ -164,7 +164,8 @@ function worker.process(ctx, hook, items)
   if plan.everything then lg.info("a new branch, or its previous commit is gone (forced push): every file counts as changed") end
   lg.info(string.format("%d deliveries, %d changed paths", #items, #plan.changes))
   if #plan.changes == 0 then return "nothing", nil, plan.target end
-  local tmp <close> = fs.tempdir("opsrun-serve-")
+  local tmp <close>, terr = fs.tempdir("opsrun-serve-")
+  if not tmp then error("cannot make a folder for the checkout: " .. terr .. " (set TMPDIR to a writable folder)", 0) end
   local checkout = fs.join(tmp.path, "repo")
   git.checkout(mirror, plan.target, checkout)
   local mapper = require(worker.MAPPERS[hook.mode])
