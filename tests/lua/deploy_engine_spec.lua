@@ -1158,6 +1158,20 @@ describe("a TMPDIR that cannot be used", function()
   end)
 end)
 
+describe("no HOME, no OPSRUN_STORE, no XDG_STATE_HOME", function()
+  it("fails where the store is needed, rather than put it in a folder every user shares", function()
+    local none = {OPSRUN_STORE = false, HOME = false, XDG_STATE_HOME = false}
+    local msg = "no place for the state store: HOME is not set (set OPSRUN_STORE, --store or XDG_STATE_HOME)"
+    for _, argv in ipairs({{"runs"}, {"deploy", "--repo", graph(), "--env", "a"}}) do
+      local r = opsrun(argv, none)
+      assert.are.equal(1, r.code, r.out)
+      assert.matches(msg, r.stderr, 1, true)
+    end
+    -- a dry run records nothing and needs none
+    assert.are.equal(0, opsrun({"deploy", "--repo", graph(), "--env", "a", "--dry-run"}, none).code)
+  end)
+end)
+
 describe("opsrun runs, given bad arguments", function()
   it("answers with usage errors that name the argument", function()
     for _, c in ipairs({

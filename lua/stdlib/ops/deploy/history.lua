@@ -39,12 +39,20 @@ local MIGRATIONS = {
 }
 
 --- history.default_path() -> $OPSRUN_STORE, or $XDG_STATE_HOME/opsrun/opsrun.db, or
---- ~/.local/state/opsrun/opsrun.db
+--- ~/.local/state/opsrun/opsrun.db; raises a failure when none of them is set
 function history.default_path()
   local p = sys.getenv("OPSRUN_STORE")
   if p and p ~= "" then return p end
   local base = sys.getenv("XDG_STATE_HOME")
-  if not base or base == "" then base = (sys.getenv("HOME") or "/tmp") .. "/.local/state" end
+  if not base or base == "" then
+    -- not a folder every user shares (/tmp): someone else could make it first, and read or
+    -- forge the history
+    local home = sys.getenv("HOME")
+    if not home or home == "" then
+      failure.raise("no place for the state store: HOME is not set (set OPSRUN_STORE, --store or XDG_STATE_HOME)")
+    end
+    base = home .. "/.local/state"
+  end
   return base .. "/opsrun/opsrun.db"
 end
 
