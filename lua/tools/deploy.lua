@@ -1,6 +1,7 @@
 -- tools.deploy: `opsrun deploy`, the main job.
 local deploy = require "ops.deploy"
 local sys = require "ops.sys"
+local split_option = require("opsrun.cli").split_option
 
 local M = {}
 
@@ -54,14 +55,8 @@ function M.main(args, cli)
     return v
   end
   while i <= (args.n or #args) do
+    split_option(args, i) -- --opt=VALUE
     local a = args[i]
-    local k, inline = a:match("^(%-%-[%w-]+)=(.*)$")
-    if k then
-      table.insert(args, i + 1, inline)
-      args.n = (args.n or #args - 1) + 1
-      a = k
-      args[i] = k
-    end
     local v, err
     if a == "--env" then
       v, err = value(a); if not v then return err end

@@ -2,6 +2,7 @@
 local history = require "ops.deploy.history"
 local failure = require "ops.deploy.failure"
 local time = require "ops.time"
+local split_option = require("opsrun.cli").split_option
 
 local M = {}
 
@@ -20,9 +21,8 @@ function M.main(args)
   end
   local i = 1
   while i <= (args.n or #args) do
+    split_option(args, i) -- --store=PATH, --limit=N
     local a, v = args[i], args[i + 1]
-    local k, inline = a:match("^(%-%-[%w-]+)=(.*)$")   -- --store=PATH, --limit=N
-    if k then a, v, i = k, inline, i - 1 end
     if a == "-h" or a == "--help" then io.stdout:write(M.USAGE); return 0
     elseif a == "--store" or a == "--limit" or a == "show" then
       if v == nil or v == "" then

@@ -17,6 +17,18 @@ describe("opsrun SCRIPT", function()
     assert.are.equal(0, r.code)
   end)
 
+  it("takes --opt=VALUE before the script, and gives the script every argument after it", function()
+    h.write(dir .. "/s.lua", "print(select('#', ...), ...)")
+    for _, pre in ipairs({{"--log-level=warn"}, {"--repo=" .. dir, "--log-format=text"}, {"--repo", dir}}) do
+      local argv = {}
+      for _, a in ipairs(pre) do argv[#argv + 1] = a end
+      for _, a in ipairs({dir .. "/s.lua", "a", "--b=c", "last"}) do argv[#argv + 1] = a end
+      local r = opsrun(argv)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal("3\ta\t--b=c\tlast\n", r.stdout) -- the script's own --b=c left as written
+    end
+  end)
+
   it("uses an integer the script returns as the exit code", function()
     h.write(dir .. "/s.lua", "return 7")
     assert.are.equal(7, opsrun({dir .. "/s.lua"}).code)

@@ -369,6 +369,16 @@ describe("--only and --skip", function()
     return (summary(r.stdout))
   end
 
+  it("take --opt=VALUE as --opt VALUE, before the command too, and lose no argument after it", function()
+    assert.are.same({"ordered/ansible"}, rows_of({"--only=ansible", "--skip=terraform"}))
+    -- a global --log-level=... before `deploy` once shifted the arguments and dropped the last
+    -- one: here --dry-run, which would have deployed for real
+    local r = opsrun({"--log-level=warn", "deploy", "--repo=" .. plan(), "--env=ordered", "--only=ansible", "--dry-run"})
+    assert.are.equal(0, r.code, r.out)
+    assert.matches("\ndry run: nothing was run\n", r.stdout, 1, true)
+    assert.are.same({"ordered/ansible"}, (summary(r.stdout)))
+  end)
+
   it("select steps by step id, folder or tool", function()
     assert.are.same({"ordered/infra-one"}, rows_of({"--only", "ordered/infra-one"}))
     assert.are.same({"ordered/infra-two"}, rows_of({"--only", "infra-two"}))

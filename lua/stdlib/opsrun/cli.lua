@@ -48,6 +48,18 @@ local function usage_error(msg)
   return 2
 end
 
+--- cli.split_option(args, i) : args[i] written `--opt=VALUE` becomes `--opt`, `VALUE` (in
+--- place: the rest moves up one, args.n with it); any other argument stays as it is. For
+--- option loops, at each option, so that a value is never split.
+function cli.split_option(args, i)
+  local k, v = args[i]:match("^(%-%-[%w-]+)=(.*)$")
+  if not k then return end
+  local n = args.n or #args
+  table.move(args, i + 1, n, i + 2)
+  args[i], args[i + 1] = k, v
+  if args.n then args.n = n + 1 end
+end
+
 --- Sets where overrides come from: DIR/.opsrun, then each OPSRUN_PATH entry.
 function cli.set_repo(dir)
   local dirs = {(dir or ".") .. "/.opsrun"}
@@ -94,8 +106,10 @@ function cli.main(argv)
   modules.set_reporter(function(name, path)
     require("ops.log").info("module '" .. name .. "' comes from " .. path .. " (it shadows the built-in)")
   end)
-  local codes, i, n = {}, 1, #argv
-  while i <= n do
+  local codes, i = {}, 1
+  argv.n = #argv
+  while i <= argv.n do
+    cli.split_option(argv, i)
     local a = argv[i]
     if a == "-e" then
       if not argv[i + 1] then return usage_error("-e needs an argument") end
@@ -118,10 +132,6 @@ function cli.main(argv)
         if not ok then return usage_error(tostring(err):gsub("^.-:%d+: ", "")) end
       end
       i = i + 2
-    elseif a:match("^%-%-[%w-]+=") then
-      local k, v = a:match("^(%-%-[%w-]+)=(.*)$")
-      table.insert(argv, i + 1, v)
-      argv[i] = k
     elseif a == "--" then
       i = i + 1
       break
@@ -144,7 +154,7 @@ function cli.main(argv)
     if #codes > 0 then return 0 end
     return usage_error("nothing to run")
   end
-  local rest = table.pack(table.unpack(argv, i + 1, n))
+  local rest = table.pack(table.unpack(argv, i + 1, argv.n))
 
   if commands[first] and not first:find("[./]") then
     -- `opsrun deploy --repo DIR`: DIR's .opsrun/ overrides apply to the deploy, over those of
