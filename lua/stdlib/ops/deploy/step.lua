@@ -159,14 +159,9 @@ end
 --- step:path(rel [, key]) -> absolute path inside step.dir (no .. or symlink escapes); else
 --- fails the step naming rel, and key and the config file when given (the setting rel came from)
 function Step:path(rel, key)
-  local p, err, code
-  if rel:find("\0", 1, true) then
-    err = "contains a NUL byte"
-  else
-    p, err, code = fs.within(self.dir, rel)
-    if p then return p end
-    err = code == "EOUTSIDE" and "leads outside " .. self.id or err
-  end
+  local p, err, code = fs.within(self.dir, rel) -- (a setting's NUL byte was refused when it was read)
+  if p then return p end
+  err = code == "EOUTSIDE" and "leads outside " .. self.id or err
   if key then
     self:fail(string.format("%s: %s %s (%s)", key, rel, err, self.config_file))
   end
